@@ -1,0 +1,3 @@
+"""nanogen: diffusion transformers for ImageNet and text-to-image, one codebase (DiffusionBench)."""
+
+__version__ = "0.1.0"

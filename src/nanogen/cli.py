@@ -1,0 +1,342 @@
+"""The ``nanogen`` command line.
+
+Every subcommand takes ``--config PATH`` plus dotted overrides of the config tree (``key.path=value``). Bad
+input (a config, a path, an argument, a checkpoint) prints one line on stderr and exits with code 2.
+Heavy imports (torch) happen inside the subcommands, so ``nanogen --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+
+from nanogen import __version__
+from nanogen.errors import NotAvailableError, UserError
+
+EPILOG = textwrap.dedent(
+    """\
+    quick start (offline, CPU, about 4 minutes):
+      nanogen demo                                  train, sample and evaluate the nano model on real MNIST digits
+
+    a config, with overrides of any key in the tree:
+      nanogen train --config configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml training.max_steps=2000
+      nanogen train --config CONFIG task=t2i        the same method, switched to text-to-image
+      torchrun --nproc_per_node=8 -m nanogen train --config CONFIG
+
+    every subcommand has its own --help.
+    """
+)
+
+
+class ArgumentError(UserError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage + exiting, so errors get nanogen's one-line format."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ArgumentError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", "-c", required=required, metavar="PATH", help="YAML config (a path, or relative to the built-in configs/ tree)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the config tree, e.g. training.global_batch_size=256")
+
+
+def _load(args: argparse.Namespace, extra: list[str] | None = None):
+    from nanogen.config import load_config
+
+    return load_config(args.config, [*(extra or []), *args.overrides])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nanogen.train import train
+
+    extra = []
+    if args.results_dir:
+        extra.append(f"run.results_dir={args.results_dir}")
+    if args.name:
+        extra.append(f"run.name={args.name}")
+    cfg = _load(args, extra)
+    if args.print_config:
+        from nanogen.config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    _print_config(cfg)
+    res = train(cfg)
+    _summary(res)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from nanogen import checkpoint as ckpt
+    from nanogen import parallel
+    from nanogen.build import build_conditioner, build_network, build_objective, build_tokenizer, eval_shift
+    from nanogen.eval import generate as gen
+    from nanogen.viz import save_grid
+
+    cfg = _load(args)
+    path = args.ckpt or cfg.stage_2.ckpt
+    if not path:
+        raise UserError("sample: no checkpoint; pass --ckpt PATH or set stage_2.ckpt in the config")
+    info = parallel.init(cfg.run.device)
+    net = build_network(cfg)
+    sd, which = ckpt.weights_from(ckpt.read(path), "ema")
+    ckpt.load_weights(net, sd, f"checkpoint '{path}' ({which})")
+    net.to(info.device).eval()
+    objective, tokenizer, cond = build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg)
+    labels = torch.tensor([int(c) for c in args.labels.split(",")]) if args.labels else None
+    n = len(labels) if labels is not None else args.num
+    idx = list(range(n))
+    if labels is None:
+        labels = gen.balanced_labels(idx, cfg.misc.num_classes)
+    bad = [int(y) for y in labels if not 0 <= int(y) < cfg.misc.num_classes]
+    if bad:
+        raise UserError(f"sample --labels: {bad[0]} is not a class of this model (0..{cfg.misc.num_classes - 1})")
+    noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), args.seed, info.device)
+    imgs = gen.generate(
+        objective, tokenizer, cond, labels, noise, num_steps=cfg.sampler.num_steps, shift=eval_shift(cfg),
+        cfg_scale=1.0 if cfg.guidance.disabled else cfg.guidance.cfg.scale,
+        cfg_interval=(cfg.guidance.cfg.t_min, cfg.guidance.cfg.t_max), solver=cfg.sampler.solver,
+    )
+    out = save_grid(imgs, args.out, nrow=args.nrow, scale=2)
+    print(f"wrote {out} ({n} samples, {cfg.sampler.num_steps} {cfg.sampler.solver} steps, cfg {cfg.guidance.cfg.scale})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nanogen import checkpoint as ckpt
+    from nanogen import parallel
+    from nanogen.build import build_conditioner, build_network, build_objective, build_tokenizer
+    from nanogen.eval.evaluate import check_metrics, evaluate
+
+    cfg = _load(args)
+    if cfg.eval is None or not cfg.eval.datasets:
+        raise UserError("eval: the config has no eval.datasets; add one or use a task preset that has one (task=nano)")
+    check_metrics(cfg)
+    path = args.ckpt or cfg.stage_2.ckpt
+    if not path:
+        raise UserError("eval: no checkpoint; pass --ckpt PATH or set stage_2.ckpt in the config")
+    info = parallel.init(cfg.run.device)
+    net = build_network(cfg)
+    sd, which = ckpt.weights_from(ckpt.read(path), "ema")
+    ckpt.load_weights(net, sd, f"checkpoint '{path}' ({which})")
+    net.to(info.device).eval()
+    res = evaluate(cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg), info)
+    for k, v in res.items():
+        print(f"{k}: {v:.4f}")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from nanogen.build import build_network
+
+    cfg = _load(args)
+    with torch.device("meta"):
+        net = build_network(cfg)
+    params = sum(p.numel() for p in net.parameters())
+    p = cfg.stage_2.params
+    grid = p["input_size"] // p["patch_size"]
+    layout = {
+        "patch_tokens": grid * grid,
+        "time_tokens": p["cond_arch"]["num_t_tokens"],
+        "condition_tokens": p["cond_arch"]["num_c_tokens"],
+    }
+    layout["sequence_length"] = sum(layout.values())
+    info = {"model": cfg.stage_2.target, "params": params, "token_layout": layout, "params_by_module": {
+        name: sum(q.numel() for q in mod.parameters()) for name, mod in net.named_children()
+    }}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{info['model']}: {params:,} parameters")
+        for k, v in info["params_by_module"].items():
+            print(f"  {k:<14} {v:>14,}")
+        print("token layout: " + ", ".join(f"{k} {v}" for k, v in layout.items()))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.data != "nano":
+        raise NotAvailableError(
+            f"prepare --data {args.data}: downloading ImageNet / BLIP3o / eval sets is not available in this release yet; "
+            f"'--data nano' works offline"
+        )
+    import torch
+
+    from nanogen.config import load_config
+    from nanogen.data.nano import load_nano
+    from nanogen.eval.evaluate import builtin_reference, cache_dir
+    from nanogen.eval.inception import InceptionFeatures
+
+    cfg = load_config("configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml")
+    tr, ho = load_nano("train"), load_nano("heldout")
+    print(f"nano tier: {len(tr)} train / {len(ho)} held-out MNIST digits (32x32 RGB)")
+    assert cfg.eval is not None
+    for name, ds in cfg.eval.datasets.items():
+        builtin_reference(name, ds, cfg.training.image_size, ds.num_samples, InceptionFeatures(torch.device("cpu")))
+    print(f"FID reference statistics cached in {cache_dir() / 'refstats'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nanogen.demo import run_demo
+
+    return run_demo(args)
+
+
+def not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def fn(args: argparse.Namespace) -> int:
+        raise NotAvailableError(f"{what} is not available in this nanogen release yet ({issue})")
+
+    return fn
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from nanogen.config import builtin_configs_dir
+
+    root = builtin_configs_dir()
+    for p in sorted(root.rglob("*.yaml")):
+        print(p.relative_to(root.parent))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_parser() -> Parser:
+    parser = Parser(
+        prog="nanogen",
+        description="Train and evaluate diffusion transformers for class-conditional ImageNet and text-to-image, "
+        "from one codebase (DiffusionBench).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nanogen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def add(name: str, fn: Callable, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("demo", cmd_demo, "train, sample and evaluate the nano model offline on real MNIST digits (about 4 min on 2 CPU cores)",
+            "Runs the whole pipeline on built-in data with no network: trains a 1.3M-parameter in-context DiT on\n"
+            "4,500 real MNIST digits (rectified flow, EMA), samples with classifier-free guidance, computes FID with\n"
+            "the real Inception-v3 weights against 200 held-out digits (before and after training) and prints a summary.\n"
+            "The run directory keeps config.yaml, metrics.jsonl, checkpoints/, samples.png and loss.png.")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 800)")
+    p.add_argument("--results-dir", default="results", help="parent of the run directory (default: results)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the FID of the untrained model (saves about 40 s)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
+
+    p = add("train", cmd_train, "train a stage-2 (diffusion) model from a config; resumes automatically",
+            "Trains the stage-2 model of a config. The run directory <run.results_dir>/<run.name> (name = config\n"
+            "file stem unless set) receives config.yaml, metrics.jsonl, checkpoints/, samples.png and loss.png.\n"
+            "Re-running the same command resumes from the newest checkpoint (exactly, in a single process).\n"
+            "Works plain or under torchrun (DDP; gloo on CPU, NCCL on GPU).\n\n"
+            "examples:\n"
+            "  nanogen train --config configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml\n"
+            "  nanogen train -c CONFIG training.max_steps=2000 training.precision=bf16\n"
+            "  nanogen train -c CONFIG --print-config      show the resolved tree and exit")
+    _config_args(p)
+    p.add_argument("--results-dir", default=None, help="shorthand for run.results_dir=DIR")
+    p.add_argument("--name", default=None, help="shorthand for run.name=NAME")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = add("sample", cmd_sample, "sample an image grid from a checkpoint (EMA weights)",
+            "examples:\n  nanogen sample -c CONFIG --ckpt results/demo/checkpoints/step-0000800.pt --out grid.png\n"
+            "  nanogen sample -c CONFIG --ckpt CKPT --labels 3,3,3,7,7,7 guidance.cfg.scale=3")
+    _config_args(p)
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: stage_2.ckpt of the config)")
+    p.add_argument("--num", type=int, default=64, help="number of samples, class-balanced (default 64)")
+    p.add_argument("--labels", default=None, help="comma-separated class labels instead of --num")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; sample i always gets the same noise")
+    p.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    p.add_argument("--out", type=_path, default="samples.png", help="output PNG (default samples.png)")
+
+    p = add("eval", cmd_eval, "evaluate a checkpoint on the config's eval.datasets (FID)",
+            "Generates eval.datasets.<name>.num_samples images per dataset with the config's sampler and guidance and\n"
+            "computes the listed metrics. Sample i uses noise seeded by i, so results do not depend on the number of\n"
+            "processes or the batch size.\n\nexample:\n  nanogen eval -c CONFIG --ckpt CKPT eval.datasets.mnist.num_samples=500")
+    _config_args(p)
+    p.add_argument("--ckpt", default=None, help="checkpoint (default: stage_2.ckpt of the config)")
+
+    p = add("model-info", cmd_model_info, "parameter count and token layout of a config's stage-2 network (built on the meta device)")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = add("prepare", cmd_prepare, "fetch or build datasets and reference statistics",
+            "'--data nano' checks the built-in MNIST digits and caches their FID reference statistics (offline).\n"
+            "ImageNet, BLIP3o and evaluation sets come in a later release.")
+    p.add_argument("--data", required=True, choices=["nano", "all", "imagenet", "t2i", "t2i-res512", "eval"], help="what to prepare")
+    p.add_argument("--data-dir", default="./data", help="where datasets go (default ./data)")
+
+    p = add("train-stage1", not_yet("train-stage1 (RAE decoder training)", "the stage-1 issue"), "train a stage-1 decoder (not available yet)")
+    _config_args(p, required=False)
+    p = add("eval-stage1", not_yet("eval-stage1 (reconstruction metrics)", "the stage-1 issue"), "evaluate a stage-1 tokenizer (not available yet)")
+    _config_args(p, required=False)
+    add("configs", cmd_configs, "list the built-in configs")
+    return parser
+
+
+def _path(s: str):
+    from pathlib import Path
+
+    return Path(s)
+
+
+def _print_config(cfg) -> None:
+    from nanogen.config import dump_yaml
+    from nanogen.log import print0
+
+    print0("resolved config:\n" + textwrap.indent(dump_yaml(cfg), "  "))
+
+
+def _summary(res) -> None:
+    from nanogen.log import print0
+
+    print0(f"done: step {res.step}, {res.images_per_s:.1f} img/s, final loss {res.final_loss:.4f}, run dir {res.run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "fn", None) is None:
+            parser.print_help()
+            return 0
+        return int(args.fn(args) or 0)
+    except UserError as e:
+        print(f"nanogen: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("nanogen: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if os.environ.get("WORLD_SIZE") and "torch" in sys.modules:
+            from nanogen.parallel import shutdown
+
+            try:
+                shutdown()
+            except Exception:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

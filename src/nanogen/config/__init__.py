@@ -1,0 +1,127 @@
+"""The config tree: schema (``schema.py``), strict loading and composition (``loader.py``), and ``resolve``,
+the single function that derives runtime fields (the reference's ``post_process`` + ``prepare_model_params``).
+
+    cfg = load_config("configs/nano/demo.yaml", ["training.max_steps=200"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from nanogen.config.loader import build, builtin_configs_dir, compose, dump_yaml, find_config, to_dict
+from nanogen.config.schema import Stage1Config, Stage2Config
+from nanogen.errors import ConfigError
+
+__all__ = [
+    "Stage1Config",
+    "Stage2Config",
+    "build",
+    "builtin_configs_dir",
+    "compose",
+    "dump_yaml",
+    "find_config",
+    "load_config",
+    "resolve",
+    "to_dict",
+]
+
+# Widths of the text encoders we know, so configs resolve without loading the encoder.
+TEXT_ENCODER_WIDTHS = {"Qwen/Qwen3-0.6B": 1024, "minilm": 384, "sentence-transformers/all-MiniLM-L6-v2": 384}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage2Config:
+    cfg = compose(path, overrides, Stage2Config)
+    return resolve(cfg, Path(path).stem if path is not None else None)
+
+
+def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
+    """Derive runtime fields and check cross-field rules. Idempotent: resolving a resolved config is a no-op."""
+    from nanogen import registry
+
+    # --- conditioning (reference post_process) ---
+    if cfg.transport.meanflow is not None:
+        cfg.guidance.disabled = True
+    if cfg.dataset.condition_type is not None and cfg.conditioning.type != cfg.dataset.condition_type:
+        cfg.conditioning.type = cfg.dataset.condition_type
+    if cfg.conditioning.type == "text":
+        if cfg.conditioning.text_encoder is None:
+            raise ConfigError(
+                "conditioning.text_encoder: text conditioning needs a text encoder block, "
+                "e.g. conditioning.text_encoder={model_name: Qwen/Qwen3-0.6B, max_length: 256}"
+            )
+        cfg.conditioning.arch.num_c_tokens = cfg.conditioning.text_encoder.max_length
+        if cfg.conditioning.context_dim is None:
+            width = TEXT_ENCODER_WIDTHS.get(cfg.conditioning.text_encoder.model_name)
+            if width is None:
+                raise ConfigError(
+                    f"conditioning.context_dim: unknown width for text encoder "
+                    f"'{cfg.conditioning.text_encoder.model_name}'; set conditioning.context_dim to its hidden size"
+                )
+            cfg.conditioning.context_dim = width
+    if cfg.repa.use_reg and cfg.transport.meanflow is not None:
+        raise ConfigError("repa.use_reg: REG cannot be combined with MeanFlow (transport.meanflow); turn one off")
+    if (cfg.repa.use_repa or cfg.repa.use_reg) and not cfg.repa.target_encoder:
+        raise ConfigError("repa.target_encoder: REPA/REG need a target encoder, e.g. dinov2-vit-b")
+    if cfg.training.grad_accum_steps < 1:
+        raise ConfigError(f"training.grad_accum_steps: must be >= 1, got {cfg.training.grad_accum_steps}")
+    if len(cfg.misc.latent_size) != 3:
+        raise ConfigError(f"misc.latent_size: expected [C, H, W], got {cfg.misc.latent_size}")
+    if not 0 <= cfg.conditioning.cfg_dropout_prob < 1:
+        raise ConfigError(f"conditioning.cfg_dropout_prob: must be in [0, 1), got {cfg.conditioning.cfg_dropout_prob}")
+    if cfg.sampler.num_steps < 1:
+        raise ConfigError(f"sampler.num_steps: must be >= 1, got {cfg.sampler.num_steps}")
+
+    # --- names resolve through the registries ---
+    name1, _ = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
+    cfg.stage_1.target = name1
+    name2, entry2 = registry.lookup(registry.MODELS, cfg.stage_2.target, "stage_2.target")
+    cfg.stage_2.target = name2
+
+    # --- stage-2 params (reference prepare_model_params): fill what YAML left unset, then check strictly ---
+    C, H, W = cfg.misc.latent_size
+    derived = {
+        "in_channels": C,
+        "input_size": H,
+        "condition_type": cfg.conditioning.type,
+        "num_classes": cfg.misc.num_classes,
+        "context_dim": cfg.conditioning.context_dim,
+        "cond_arch": dataclasses.asdict(cfg.conditioning.arch),
+        "enable_reg": cfg.repa.use_reg,
+        "enable_repa": cfg.repa.use_repa,
+        "repa_layer_depth": cfg.repa.repa_layer_depth,
+        "z_dim": cfg.repa.z_dim,
+        "is_meanflow": cfg.transport.meanflow is not None,
+        "base_model_depth": cfg.internal_guidance.base_model_depth,
+    }
+    fields = registry.params_fields(entry2)
+    params = {**entry2.defaults, **cfg.stage_2.params}
+    for k, v in derived.items():
+        if k in fields:
+            params.setdefault(k, v)
+    # Text conditioning always uses one token per text position, whatever the label preset said.
+    if "cond_arch" in fields and cfg.conditioning.type == "text":
+        params["cond_arch"] = {**params["cond_arch"], "num_c_tokens": cfg.conditioning.arch.num_c_tokens}
+    model_cfg = registry.build_params(entry2, params, "stage_2.params")
+    if hasattr(model_cfg, "input_size") and (model_cfg.input_size != H or H != W):
+        raise ConfigError(
+            f"stage_2.params.input_size: {model_cfg.input_size} does not match misc.latent_size {cfg.misc.latent_size} "
+            f"(square latents only); make them agree"
+        )
+    if hasattr(model_cfg, "in_channels") and model_cfg.in_channels != C:
+        raise ConfigError(
+            f"stage_2.params.in_channels: {model_cfg.in_channels} does not match misc.latent_size channels {C}"
+        )
+    if hasattr(model_cfg, "check"):
+        model_cfg.check()
+    cfg.stage_2.params = to_dict(model_cfg)
+
+    # --- run ---
+    if cfg.run.name is None:
+        cfg.run.name = default_name or cfg.task or "run"
+    return cfg
+
+
+def shift_dim(cfg: Stage2Config) -> int:
+    return cfg.misc.time_dist_shift_dim or math.prod(cfg.misc.latent_size)

@@ -1,0 +1,1 @@
+"""Evaluation: image quantisation, feature extractors, streaming statistics and metrics."""

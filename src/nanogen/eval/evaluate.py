@@ -1,0 +1,148 @@
+"""Generation metrics over the datasets of ``eval.datasets`` (today: FID; more metrics come with the eval suite).
+
+Reference statistics come from a built-in dataset (computed once and cached under
+``$NANOGEN_CACHE``, default ``~/.cache/nanogen``, keyed by dataset, split, count and the extractor's weight
+hash) or from a ``reference_npz`` holding ``mu`` and ``sigma`` (the ADM / JiT format).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nanogen import parallel
+from nanogen.config import Stage2Config
+from nanogen.config.schema import EvalDatasetConfig
+from nanogen.errors import NotAvailableError, UserError
+from nanogen.eval import generate as gen
+from nanogen.eval.fid import GaussianMoments, fid_from_moments, frechet_distance
+from nanogen.eval.images import to_uint8
+from nanogen.eval.inception import FEATURE_DIM, InceptionFeatures, weights_sha256
+from nanogen.log import print0, progress
+
+AVAILABLE_METRICS = ("fid",)
+
+
+def check_metrics(cfg: Stage2Config) -> None:
+    assert cfg.eval is not None
+    for name, ds in cfg.eval.datasets.items():
+        for m in ds.metrics:
+            if m not in AVAILABLE_METRICS:
+                raise NotAvailableError(
+                    f"eval.datasets.{name}.metrics: '{m}' is not available in this nanogen release yet "
+                    f"(available: {', '.join(AVAILABLE_METRICS)}); remove it or set eval=null"
+                )
+        if ds.type != "builtin" and "fid" in ds.metrics and not ds.reference_npz:
+            raise UserError(f"eval.datasets.{name}.reference_npz: FID on '{name}' needs reference statistics (an npz with mu, sigma)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NANOGEN_CACHE", Path.home() / ".cache" / "nanogen")).expanduser()
+
+
+def _extract(extractor: InceptionFeatures, images: torch.Tensor, batch: int, desc: str) -> GaussianMoments:
+    mom = GaussianMoments.empty(FEATURE_DIM)
+    with progress(len(images), desc, unit="img", leave=False) as bar:
+        for i in range(0, len(images), batch):
+            chunk = images[i : i + batch]
+            mom.update(extractor(chunk))
+            bar.update(len(chunk))
+    return mom
+
+
+def _reduce(mom: GaussianMoments) -> GaussianMoments:
+    """Sum moments over processes (exact: sums of float64)."""
+    n = parallel.all_reduce_sum(torch.tensor([float(mom.n)], dtype=torch.float64))
+    s = parallel.all_reduce_sum(mom.sum.clone())
+    so = parallel.all_reduce_sum(mom.sum_outer.clone())
+    return GaussianMoments(int(n.item()), s, so)
+
+
+def builtin_reference(name: str, ds: EvalDatasetConfig, image_size: int, n: int, extractor: InceptionFeatures) -> GaussianMoments:
+    from nanogen.data.nano import NUM_CLASSES, load_nano
+
+    key = json.dumps({"ds": name, "split": ds.split, "n": n, "size": image_size, "w": weights_sha256()}, sort_keys=True)
+    path = cache_dir() / "refstats" / f"{name}-{ds.split}-{n}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+    if path.is_file():
+        try:
+            st = torch.load(path, map_location="cpu")
+            return GaussianMoments(st["n"], st["sum"], st["sum_outer"])
+        except Exception:
+            path.unlink(missing_ok=True)  # a damaged cache entry is recomputed, not trusted
+    split = load_nano(ds.split, image_size)
+    if n > len(split):
+        raise UserError(f"eval.datasets.{name}.num_samples: {n} is more than the {len(split)} images of split '{ds.split}'")
+    # Class-balanced subset: the k-th image of every class in turn (matches the balanced generated labels).
+    per_class = [torch.nonzero(split.labels == c).flatten() for c in range(NUM_CLASSES)]
+    order = [int(per_class[i % NUM_CLASSES][i // NUM_CLASSES]) for i in range(n)]
+    mom = _extract(extractor, to_uint8(split.images[order]), 50, f"FID reference ({name}/{ds.split})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(mom.state_dict(), tmp)
+    os.replace(tmp, path)
+    return mom
+
+
+def npz_reference(path_str: str) -> tuple[np.ndarray, np.ndarray]:
+    p = Path(path_str).expanduser()
+    if not p.is_file():
+        raise UserError(f"reference_npz not found: '{path_str}'; download it (nanogen prepare --data eval) or fix the path")
+    with np.load(p) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise UserError(f"reference_npz '{path_str}' has no 'mu' and 'sigma' arrays (keys: {', '.join(f.files)})")
+        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+
+
+@torch.no_grad()
+def evaluate(
+    cfg: Stage2Config,
+    objective,
+    tokenizer: nn.Module,
+    conditioner,
+    info: parallel.DistInfo,
+    *,
+    seed: int = 0,
+    tag: str = "",
+) -> dict[str, float]:
+    """Generate ``num_samples`` images per eval dataset on all processes and compute its metrics."""
+    from nanogen.build import eval_shift
+
+    assert cfg.eval is not None
+    extractor = InceptionFeatures(info.device)
+    results: dict[str, float] = {}
+    latent_shape = tuple(cfg.misc.latent_size)
+    autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
+    for name, ds in cfg.eval.datasets.items():
+        n = ds.num_samples
+        mine = list(range(info.rank, n, info.world_size))
+        fake = GaussianMoments.empty(FEATURE_DIM)
+        steps = cfg.sampler.num_steps * len(range(0, len(mine), ds.batch_size))
+        with progress(steps, f"sampling {name}{tag}", unit="step", leave=False) as bar:
+            for i in range(0, len(mine), ds.batch_size):
+                idx = mine[i : i + ds.batch_size]
+                noise = gen.per_sample_noise(idx, latent_shape, seed, info.device)
+                labels = gen.balanced_labels(idx, cfg.misc.num_classes)
+                images = gen.generate(
+                    objective, tokenizer, conditioner, labels, noise,
+                    num_steps=cfg.sampler.num_steps, shift=eval_shift(cfg),
+                    cfg_scale=1.0 if cfg.guidance.disabled else cfg.guidance.cfg.scale,
+                    cfg_interval=(cfg.guidance.cfg.t_min, cfg.guidance.cfg.t_max),
+                    solver=cfg.sampler.solver, autocast_dtype=autocast, on_step=lambda: bar.update(1),
+                )
+                fake.update(extractor(to_uint8(images)))
+        fake = _reduce(fake)
+        if "fid" in ds.metrics:
+            if ds.type == "builtin":
+                ref = builtin_reference(name, ds, cfg.training.image_size, n, extractor)
+                results[f"fid_{name}"] = fid_from_moments(fake, ref)
+            else:
+                mu, sigma = npz_reference(ds.reference_npz)  # type: ignore[arg-type]
+                results[f"fid_{name}"] = frechet_distance(*fake.mean_cov(), mu, sigma)
+        print0(f"eval{tag}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
+    return results

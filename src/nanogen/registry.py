@@ -1,0 +1,119 @@
+"""Names -> components.
+
+Configs name things (``stage_2.target: LightningDiT``, ``stage_1.target: pixel``); these small tables turn
+names into constructors. Entries point at ``module:attribute`` inside nanogen and are imported lazily, so
+``import nanogen`` stays light and ``--help`` can list every name without importing torch.
+
+The reference's configs use import paths (``target: stage2.models.DDT.DiTwDDTHead``); ``ALIASES`` maps
+those to nanogen names. It is the only place an import-path string may appear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from nanogen.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Entry:
+    target: str  # "module:attribute" inside nanogen
+    config: str | None  # "module:attribute" of the typed params dataclass, if any
+    summary: str
+    size: str | None = None  # a named size: key into the model module's SIZES table
+
+    def load(self) -> Any:
+        return _import(self.target)
+
+    def config_cls(self) -> type | None:
+        return _import(self.config) if self.config else None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Params a named size fixes (width, depth, heads); YAML params still win."""
+        if self.size is None:
+            return {}
+        return dict(_import(self.target.split(":")[0] + ":SIZES")[self.size])
+
+
+def _import(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# stage-2 networks (the generator). Issue-3 adds the DDT here.
+MODELS: dict[str, Entry] = {
+    "LightningDiT": Entry(
+        "nanogen.models.lightning_dit:LightningDiT",
+        "nanogen.models.lightning_dit:LightningDiTConfig",
+        "single-stream in-context DiT (spec reference.md §3.4): time/class/text tokens + pre-norm blocks",
+    ),
+}
+for _size in ("XS", "S", "B", "L", "XL"):
+    MODELS[f"LightningDiT-{_size}"] = Entry(
+        MODELS["LightningDiT"].target, MODELS["LightningDiT"].config, f"LightningDiT, named size {_size}", f"LightningDiT-{_size}"
+    )
+
+# stage-1 tokenizers (the space the generator works in).
+TOKENIZERS: dict[str, Entry] = {
+    "pixel": Entry(
+        "nanogen.latents.pixel:PixelSpace",
+        "nanogen.latents.pixel:PixelSpaceConfig",
+        "identity 'tokenizer': the generator works on pixels in [-1, 1] (JiT, PixelGen, PixNerd, nano)",
+    ),
+}
+
+# The reference's `target:` import strings, accepted when reading its configs.
+ALIASES: dict[str, str] = {
+    "stage2.models.lightningDiT.LightningDiT": "LightningDiT",
+    "stage1.pixel.PixelEncoder": "pixel",
+    "stage1.PixelEncoder": "pixel",
+}
+
+# Names the reference uses that a later nanogen release fills in: a clear message instead of "unknown".
+PLANNED: dict[str, str] = {
+    "stage2.models.DDT.DiTwDDTHead": "DDT",
+    "stage2.models.DDT.DiTwDDTHeadIG": "DDT-IG",
+    "stage2.models.lightningDiT.LightningDiTIG": "LightningDiT-IG",
+    "DDT": "DDT",
+    "stage1.VAE": "vae",
+    "stage1.QwenVAE": "qwen-vae",
+    "stage1.Flux2VAE": "flux2-vae",
+    "stage1.RAE": "rae",
+}
+
+
+def lookup(table: dict[str, Entry], name: str, where: str) -> tuple[str, Entry]:
+    """Resolve ``name`` (or a reference alias) in ``table``; a clear ConfigError otherwise."""
+    canonical = ALIASES.get(name, name)
+    if canonical in table:
+        return canonical, table[canonical]
+    if name in PLANNED or canonical in PLANNED:
+        raise ConfigError(
+            f"{where}: '{name}' is not available in this nanogen release yet; "
+            f"available: {', '.join(sorted(table))}"
+        )
+    close = difflib.get_close_matches(name, list(table) + list(ALIASES), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"{where}: unknown name '{name}'{hint} (available: {', '.join(sorted(table))})")
+
+
+def build_params(entry: Entry, params: dict[str, Any], where: str) -> Any:
+    """Check a free ``params`` mapping against the component's typed config and build it."""
+    from nanogen.config.loader import build
+
+    cls = entry.config_cls()
+    if cls is None:
+        if params:
+            raise ConfigError(f"{where}: this component takes no params, got {', '.join(params)}")
+        return None
+    return build(cls, params, source="config", prefix=where)
+
+
+def params_fields(entry: Entry) -> set[str]:
+    cls = entry.config_cls()
+    return {f.name for f in dataclasses.fields(cls)} if cls is not None else set()

@@ -1,0 +1,295 @@
+"""The stage-2 training loop: build -> step -> log / sample / checkpoint / evaluate.
+
+Readable top to bottom. Everything that depends on the method lives in the objective; everything that
+depends on the hardware (DDP, compile) is applied by ``parallel.py``; the loop itself only moves batches,
+steps the optimizer and keeps the run directory up to date:
+
+    <run.results_dir>/<run.name>/
+        config.yaml        the resolved config (exactly what ran; loads back with --config)
+        metrics.jsonl      one JSON object per log line / evaluation
+        checkpoints/       step-XXXXXXX.pt (model, ema, optimizer, scheduler, data position, RNG)
+        samples.png        latest EMA sample grid (one row per class); samples/ keeps the history
+        loss.png           the loss curve
+
+Host syncs happen only at log intervals (the loss is accumulated on the device in between).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogen import checkpoint as ckpt
+from nanogen import parallel
+from nanogen.build import (
+    build_conditioner,
+    build_network,
+    build_objective,
+    build_tokenizer,
+    check_runnable,
+    eval_shift,
+    load_train_images,
+)
+from nanogen.config import Stage2Config, dump_yaml
+from nanogen.data.loader import TensorLoader
+from nanogen.ema import EMA
+from nanogen.errors import UserError
+from nanogen.eval import generate as gen
+from nanogen.log import MetricsLog, print0, progress, read_metrics
+from nanogen.optim import build_optimizer, build_scheduler
+from nanogen.viz import save_grid, save_loss_curve
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int = 0
+    steps_this_run: int = 0
+    images_per_s: float = 0.0
+    final_loss: float = float("nan")
+    wall_s: float = 0.0
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    params: int = 0
+
+
+def prepare_run_dir(cfg: Stage2Config) -> Path:
+    """Create (or reopen) the run directory; fail with one line if it cannot be written."""
+    run_dir = Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"results directory '{run_dir}' is not writable ({e.strerror}); choose another with run.results_dir=PATH"
+        ) from None
+    return run_dir
+
+
+def write_config(cfg: Stage2Config, run_dir: Path, resumed_step: int) -> None:
+    text = dump_yaml(cfg)
+    path = run_dir / "config.yaml"
+    if path.is_file() and resumed_step > 0 and path.read_text() != text:
+        path = run_dir / f"config.resume-{resumed_step:07d}.yaml"  # keep what the first part ran with
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def sample_grid(cfg: Stage2Config, objective, tokenizer, conditioner, device: torch.device, per_class: int = 8) -> torch.Tensor:
+    """A fixed grid: one row per class (up to 10 classes), fixed noise, so grids compare across steps."""
+    rows = min(cfg.misc.num_classes, 10)
+    idx = list(range(rows * per_class))
+    labels = torch.tensor([i // per_class for i in idx])
+    noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), seed=1234, device=device)
+    return gen.generate(
+        objective, tokenizer, conditioner, labels, noise,
+        num_steps=cfg.sampler.num_steps, shift=eval_shift(cfg),
+        cfg_scale=1.0 if cfg.guidance.disabled else cfg.guidance.cfg.scale,
+        cfg_interval=(cfg.guidance.cfg.t_min, cfg.guidance.cfg.t_max), solver=cfg.sampler.solver,
+    )
+
+
+def train(cfg: Stage2Config) -> TrainResult:
+    check_runnable(cfg)  # everything that can be wrong with the config fails here, before any work
+    info = parallel.init(cfg.run.device)
+    tc = cfg.training
+    run_dir = prepare_run_dir(cfg) if info.is_main else Path(cfg.run.results_dir) / str(cfg.run.name)
+    parallel.barrier()
+
+    # ---- data ----
+    images, labels = load_train_images(cfg)
+    micro = _micro_batch(cfg, info.world_size)
+    loader = TensorLoader(images, labels, batch_size=micro, seed=cfg.dataset.seed, rank=info.rank, world_size=info.world_size)
+    steps_per_epoch = tc.virtual_epoch_steps or max(1, len(loader) // tc.grad_accum_steps)
+    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
+
+    # ---- model, objective, EMA, optimizer (same init on every rank, then broadcast) ----
+    torch.manual_seed(tc.global_seed)
+    tokenizer = build_tokenizer(cfg).to(info.device)
+    conditioner = build_conditioner(cfg)
+    net = build_network(cfg).to(info.device)
+    parallel.broadcast_module(net)
+    objective = build_objective(cfg, net).to(info.device)
+    ema = EMA(net, tc.ema_decay)
+    ema_objective = build_objective(cfg, ema.model)  # sampling / eval use the EMA weights
+    opt = build_optimizer(net, tc.optimizer, info.device)
+    sched = build_scheduler(opt, tc.scheduler, steps_per_epoch)
+    n_params = sum(p.numel() for p in net.parameters())
+
+    # ---- resume ----
+    step = 0
+    last = ckpt.latest(run_dir / "checkpoints") if cfg.run.resume else None
+    if last is not None:
+        state = ckpt.read(last)
+        ckpt.load_weights(net, ckpt.weights_from(state, "model")[0], f"checkpoint '{last}' (model)")
+        ema.load_state_dict(ckpt.weights_from(state, "ema")[0])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        step = int(state["step"])
+        print0(f"resumed from {last} at step {step}")
+    if info.is_main:
+        write_config(cfg, run_dir, step)
+    torch.manual_seed(tc.global_seed * 7919 + info.rank + step)  # per-rank noise; distinct after a resume
+    if last is not None and "rng" in state and info.world_size == 1:
+        ckpt.set_rng_state(state["rng"])  # single process: the resumed run continues bit-exactly
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if info.is_main else None, _wandb(cfg, run_dir, info))
+    wrapped = parallel.wrap_for_training(objective, info, tc.compile)
+    autocast = dict(device_type=info.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    result = TrainResult(run_dir=run_dir, step=step, params=n_params)
+    print0(
+        f"run {run_dir} | {cfg.stage_2.target} {n_params / 1e6:.2f}M params | {info.world_size} process(es) on "
+        f"{info.device.type} | global batch {micro * info.world_size * tc.grad_accum_steps} | steps {step} -> {total_steps}"
+    )
+
+    def save_checkpoint() -> None:
+        if info.is_main:
+            payload = {
+                "step": step, "epoch": step // steps_per_epoch, "model": net.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+                "loader": loader.state_dict(), "rng": ckpt.rng_state(), "config": dump_yaml(cfg),
+            }
+            ckpt.save(run_dir / "checkpoints" / f"step-{step:07d}.pt", payload)
+            ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
+        parallel.barrier()
+
+    def save_samples() -> None:
+        grid = sample_grid(cfg, ema_objective, tokenizer, conditioner, info.device)
+        if info.is_main:
+            save_grid(grid, run_dir / "samples" / f"step-{step:07d}.png", nrow=8, scale=2)
+            save_grid(grid, run_dir / "samples.png", nrow=8, scale=2)
+
+    def run_eval(tag: str) -> None:
+        from nanogen.eval.evaluate import evaluate
+
+        res = evaluate(cfg, ema_objective, tokenizer, conditioner, info, seed=0, tag=tag)
+        result.evals[step] = res
+        metrics.log(step, **{f"eval/{k}": v for k, v in res.items()})
+
+    if cfg.eval is not None and cfg.eval.eval_at_start and step == 0:
+        run_eval(" (untrained)")
+
+    # ---- the loop ----
+    t_start = time.time()
+    loss_sum = torch.zeros((), device=info.device)
+    loss_count = 0
+    t_log, step_log = time.time(), step
+    start_step = step
+    batches = iter(loader)
+    bar = progress(total_steps, "training", unit="step", initial=step)
+    try:
+        while step < total_steps:
+            for micro_i in range(tc.grad_accum_steps):
+                x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
+                sync = micro_i == tc.grad_accum_steps - 1 or not info.enabled
+                ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
+                with ctx, torch.autocast(**autocast):
+                    with torch.no_grad():
+                        z = tokenizer.encode(x)
+                    out = wrapped(z, conditioner(y), conditioner.null(1, info.device))
+                    loss = out["loss"] / tc.grad_accum_steps
+                loss.backward()
+                loss_sum += loss.detach()
+            if tc.clip_grad:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+            ema.update()
+            step += 1
+            loss_count += 1
+            bar.update(1)
+
+            if step % tc.log_interval == 0 or step == total_steps:
+                mean_loss = (loss_sum / loss_count).item()  # the only host sync between log lines
+                if not math.isfinite(mean_loss):
+                    good = ckpt.latest(run_dir / "checkpoints")
+                    raise UserError(
+                        f"training diverged at step {step} (loss {mean_loss}); last good checkpoint: {good}; "
+                        f"lower training.optimizer.lr or set training.clip_grad"
+                    )
+                dt = time.time() - t_log
+                ips = (step - step_log) * micro * info.world_size * tc.grad_accum_steps / max(dt, 1e-9)
+                lr = opt.param_groups[0]["lr"]
+                metrics.log(step, loss=mean_loss, lr=lr, images_per_s=round(ips, 2), epoch=step // steps_per_epoch)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                if bar.disable:  # no live bar (NANOGEN_NO_PROGRESS=1, non-main rank): keep a plain log line
+                    print0(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} {ips:.0f} img/s")
+                result.final_loss = mean_loss
+                loss_sum.zero_()
+                loss_count = 0
+                t_log, step_log = time.time(), step
+            if tc.sample_every and step % tc.sample_every == 0 and step != total_steps:
+                save_samples()
+            at_epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % max(1, tc.checkpoint_interval) == 0
+            if step != total_steps and (at_epoch_end or (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0)):
+                save_checkpoint()
+            if cfg.eval is not None and cfg.eval.eval_interval and step % cfg.eval.eval_interval == 0 and step != total_steps:
+                run_eval(f" @ step {step}")
+    except KeyboardInterrupt:
+        bar.close()
+        print0(f"interrupted at step {step}; saving a checkpoint so 'nanogen train' resumes from here")
+        save_checkpoint()
+        raise
+    bar.close()
+    result.wall_s = time.time() - t_start
+    result.steps_this_run = step - start_step
+    result.images_per_s = result.steps_this_run * micro * info.world_size * tc.grad_accum_steps / max(result.wall_s, 1e-9)
+    result.step = step
+
+    # ---- the end: checkpoint, pictures, evaluation ----
+    if result.steps_this_run > 0 or ckpt.latest(run_dir / "checkpoints") is None:
+        save_checkpoint()
+    else:
+        print0(f"run already complete at step {step}; nothing to train (set run.name=NEW for a fresh run)")
+    save_samples()
+    if info.is_main:
+        hist = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+        save_loss_curve([r["step"] for r in hist], [r["loss"] for r in hist], run_dir / "loss.png")
+    if cfg.eval is not None and cfg.eval.datasets:
+        run_eval("")
+    return result
+
+
+def _micro_batch(cfg: Stage2Config, world: int) -> int:
+    tc = cfg.training
+    if tc.global_batch_size is None:
+        return tc.batch_size
+    denom = world * tc.grad_accum_steps
+    if tc.global_batch_size % denom:
+        raise UserError(
+            f"training.global_batch_size: {tc.global_batch_size} is not divisible by processes x grad_accum_steps "
+            f"= {world} x {tc.grad_accum_steps}; change one of them"
+        )
+    return tc.global_batch_size // denom
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def _wandb(cfg: Stage2Config, run_dir: Path, info: parallel.DistInfo) -> Any:
+    if not cfg.run.wandb or not info.is_main:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("run.wandb: Weights & Biases is not installed; pip install 'nanogen[wandb]' or set run.wandb=false") from None
+    from nanogen.config import to_dict
+
+    return wandb.init(name=cfg.run.name, dir=str(run_dir), config=to_dict(cfg), resume="allow", id=str(cfg.run.name))

@@ -1,0 +1,76 @@
+"""The command line: help that explains, and one clean line + exit code 2 for every kind of bad input."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY
+
+from nanogen.cli import main
+
+SUBCOMMANDS = ["demo", "train", "sample", "eval", "model-info", "prepare", "train-stage1", "eval-stage1", "configs"]
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "nanogen", *args], capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def test_help_is_fast_and_lists_everything():
+    r = run("--help")
+    assert r.returncode == 0
+    for s in SUBCOMMANDS:
+        assert s in r.stdout
+    assert "import torch" not in r.stderr
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_each_subcommand_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    assert len(capsys.readouterr().out) > 100
+
+
+def one_line_error(capsys, argv, *fragments):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("nanogen: error: ") and "Traceback" not in err
+    for f in fragments:
+        assert f in err, (f, err)
+
+
+def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path):
+    one_line_error(capsys, ["frobnicate"], "invalid choice: 'frobnicate'")
+    one_line_error(capsys, ["train", "--config", "nope.yaml"], "config file not found: 'nope.yaml'")
+    one_line_error(capsys, ["train", "-c", TINY, "training.global_batchsize=3"], "did you mean 'training.global_batch_size'")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [" + str(ROOT / TINY) + "]\ntraining:\n  lrr: 3\n")
+    one_line_error(capsys, ["train", "-c", str(bad)], str(bad), "training.lrr", "unknown key")
+    one_line_error(capsys, ["train", "-c", TINY, "training.max_steps=many"], "training.max_steps: expected an integer")
+    one_line_error(capsys, ["train", "-c", TINY, "sampler.num_steps=0"], "sampler.num_steps: must be >= 1")
+    one_line_error(capsys, ["train-stage1"], "not available in this nanogen release yet")
+    one_line_error(capsys, ["prepare", "--data", "imagenet"], "not available in this nanogen release yet")
+    one_line_error(capsys, ["sample", "-c", TINY, "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found")
+    one_line_error(capsys, ["train"], "the following arguments are required: --config")
+
+
+def test_unwritable_results_dir_leaves_nothing(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(capsys, ["train", "-c", TINY, f"run.results_dir={blocker}/sub"], "is not writable", "run.results_dir=PATH")
+    assert blocker.read_text() == "x"
+
+
+def test_subprocess_error_has_no_traceback():
+    r = run("train", "-c", TINY, "training.optimizer.lr=fast")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+
+
+def test_model_info_json(capsys):
+    import json
+
+    assert main(["model-info", "-c", TINY, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] > 0 and info["token_layout"]["sequence_length"] == 16 + 2 + 2
