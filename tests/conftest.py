@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = "configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml"
+DEMO = "configs/stage2/training/nano/lightningdit-xs-pixel-xpred-t4c8.yaml"
 TINY = "configs/stage2/training/nano/tiny-cpu-test.yaml"
 
 torch.set_num_threads(1)  # two xdist workers on two cores

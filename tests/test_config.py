@@ -26,7 +26,7 @@ def test_demo_config_resolves_model_params():
     assert cfg.task == "nano" and cfg.stage_2.target == "LightningDiT-XS"
     assert (p["in_channels"], p["input_size"], p["num_classes"]) == (3, 32, 10)  # derived from misc
     assert (p["hidden_size"], p["depth"], p["num_heads"], p["patch_size"]) == (128, 4, 4, 4)  # size + file
-    assert cfg.run.name == "lightningdit-xs-pixel-vpred-t4c8"
+    assert cfg.run.name == "lightningdit-xs-pixel-xpred-t4c8"
 
 
 def test_unknown_key_names_file_path_and_closest_key(tmp_path):

@@ -22,7 +22,7 @@ EPILOG = textwrap.dedent(
       nanogen demo                                  train, sample and evaluate the nano model on real MNIST digits
 
     a config, with overrides of any key in the tree:
-      nanogen train --config configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml training.max_steps=2000
+      nanogen train --config configs/stage2/training/nano/lightningdit-xs-pixel-xpred-t4c8.yaml training.max_steps=2000
       nanogen train --config CONFIG task=t2i        the same method, switched to text-to-image
       torchrun --nproc_per_node=8 -m nanogen train --config CONFIG
 
@@ -174,7 +174,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.data != "nano":
         raise NotAvailableError(
-            f"prepare --data {args.data}: downloading ImageNet / BLIP3o / eval sets is not available in this release yet; "
+            f"prepare --data {args.data}: downloading ImageNet / BLIP3o / eval sets is not available in this nanogen release yet; "
             f"'--data nano' works offline"
         )
     import torch
@@ -184,7 +184,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from nanogen.eval.evaluate import builtin_reference, cache_dir
     from nanogen.eval.inception import InceptionFeatures
 
-    cfg = load_config("configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml")
+    cfg = load_config("configs/stage2/training/nano/lightningdit-xs-pixel-xpred-t4c8.yaml")
     tr, ho = load_nano("train"), load_nano("heldout")
     print(f"nano tier: {len(tr)} train / {len(ho)} held-out MNIST digits (32x32 RGB)")
     assert cfg.eval is not None
@@ -240,7 +240,7 @@ def make_parser() -> Parser:
             "4,500 real MNIST digits (rectified flow, EMA), samples with classifier-free guidance, computes FID with\n"
             "the real Inception-v3 weights against 200 held-out digits (before and after training) and prints a summary.\n"
             "The run directory keeps config.yaml, metrics.jsonl, checkpoints/, samples.png and loss.png.")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 800)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 700)")
     p.add_argument("--results-dir", default="results", help="parent of the run directory (default: results)")
     p.add_argument("--no-baseline", action="store_true", help="skip the FID of the untrained model (saves about 40 s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
@@ -251,7 +251,7 @@ def make_parser() -> Parser:
             "Re-running the same command resumes from the newest checkpoint (exactly, in a single process).\n"
             "Works plain or under torchrun (DDP; gloo on CPU, NCCL on GPU).\n\n"
             "examples:\n"
-            "  nanogen train --config configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml\n"
+            "  nanogen train --config configs/stage2/training/nano/lightningdit-xs-pixel-xpred-t4c8.yaml\n"
             "  nanogen train -c CONFIG training.max_steps=2000 training.precision=bf16\n"
             "  nanogen train -c CONFIG --print-config      show the resolved tree and exit")
     _config_args(p)
@@ -260,7 +260,7 @@ def make_parser() -> Parser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     p = add("sample", cmd_sample, "sample an image grid from a checkpoint (EMA weights)",
-            "examples:\n  nanogen sample -c CONFIG --ckpt results/demo/checkpoints/step-0000800.pt --out grid.png\n"
+            "examples:\n  nanogen sample -c CONFIG --ckpt results/demo/checkpoints/step-0000700.pt --out grid.png\n"
             "  nanogen sample -c CONFIG --ckpt CKPT --labels 3,3,3,7,7,7 guidance.cfg.scale=3")
     _config_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint (default: stage_2.ckpt of the config)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-DEMO_CONFIG = "configs/stage2/training/nano/lightningdit-xs-pixel-vpred-t4c8.yaml"
+DEMO_CONFIG = "configs/stage2/training/nano/lightningdit-xs-pixel-xpred-t4c8.yaml"
 
 
 def run_demo(args: argparse.Namespace) -> int:

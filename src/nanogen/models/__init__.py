@@ -1,0 +1,1 @@
+"""Stage-2 networks: layers, then blocks, then models with named sizes."""
