@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY
 
+from conftest import ROOT, TINY
 from nanogen.cli import main
 
 SUBCOMMANDS = ["demo", "train", "sample", "eval", "model-info", "prepare", "train-stage1", "eval-stage1", "configs"]

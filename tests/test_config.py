@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 import yaml
-from conftest import DEMO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import DEMO
 from nanogen.config import dump_yaml, load_config
 from nanogen.config.loader import build, compose
 from nanogen.config.schema import Stage1Config, Stage2Config

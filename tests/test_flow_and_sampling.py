@@ -89,7 +89,7 @@ def test_time_grid():
     assert g == [1.0, 0.75, 0.5, 0.25, 0.0]
     s = math.sqrt(48)
     gs = sampling.time_grid(50, s)
-    assert gs[0] == pytest.approx(1.0) and gs[-1] == 0.0 and all(a > b for a, b in zip(gs, gs[1:]))
+    assert gs[0] == pytest.approx(1.0) and gs[-1] == 0.0 and all(a > b for a, b in zip(gs, gs[1:], strict=False))
     assert gs[25] == pytest.approx(s * 0.5 / (1 + (s - 1) * 0.5))
 
 
@@ -108,7 +108,7 @@ def test_euler_matches_closed_form_linear_ode():
     a = 0.7
     grid = sampling.time_grid(10, 2.0)
     x = sampling.euler(lambda x, t: a * x, torch.ones(1), grid)
-    expected = math.prod(1 - (t0 - t1) * a for t0, t1 in zip(grid, grid[1:]))
+    expected = math.prod(1 - (t0 - t1) * a for t0, t1 in zip(grid, grid[1:], strict=False))
     assert x.item() == pytest.approx(expected)
 
 

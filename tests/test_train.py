@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY
 
+from conftest import TINY
 from nanogen import checkpoint as ckpt
 from nanogen.config import load_config
+from nanogen.config.schema import SchedulerConfig
 from nanogen.errors import CheckpointError
 from nanogen.optim import lr_factor
-from nanogen.config.schema import SchedulerConfig
 from nanogen.train import train
 
 

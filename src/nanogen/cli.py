@@ -8,6 +8,7 @@ Heavy imports (torch) happen inside the subcommands, so ``nanogen --help`` is in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -238,11 +239,11 @@ def make_parser() -> Parser:
     p = add("demo", cmd_demo, "train, sample and evaluate the nano model offline on real MNIST digits (about 4 min on 2 CPU cores)",
             "Runs the whole pipeline on built-in data with no network: trains a 1.3M-parameter in-context DiT on\n"
             "4,500 real MNIST digits (rectified flow, EMA), samples with classifier-free guidance, computes FID with\n"
-            "the real Inception-v3 weights against 200 held-out digits (before and after training) and prints a summary.\n"
+            "the real Inception-v3 weights against 200 held-out digits (--baseline: also before training) and prints a summary.\n"
             "The run directory keeps config.yaml, metrics.jsonl, checkpoints/, samples.png and loss.png.")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 700)")
     p.add_argument("--results-dir", default="results", help="parent of the run directory (default: results)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the FID of the untrained model (saves about 40 s)")
+    p.add_argument("--baseline", action="store_true", help="also compute the FID of the untrained model first (about +60 s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
 
     p = add("train", cmd_train, "train a stage-2 (diffusion) model from a config; resumes automatically",
@@ -332,10 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("WORLD_SIZE") and "torch" in sys.modules:
             from nanogen.parallel import shutdown
 
-            try:
+            with contextlib.suppress(Exception):
                 shutdown()
-            except Exception:
-                pass
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     name = time.strftime("demo-%Y%m%d-%H%M%S")
-    overrides = [f"run.results_dir={args.results_dir}", f"run.name={name}", f"eval.eval_at_start={not args.no_baseline}"]
+    overrides = [f"run.results_dir={args.results_dir}", f"run.name={name}", f"eval.eval_at_start={args.baseline}"]
     if args.steps is not None:
         overrides += [f"training.max_steps={args.steps}"]
     cfg = load_config(DEMO_CONFIG, [*overrides, *args.overrides])

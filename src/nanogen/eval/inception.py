@@ -62,7 +62,7 @@ def _tf1_axis_weights(n_in: int, n_out: int, dtype: torch.dtype) -> Tensor:
 def tf1_bilinear_resize(x: Tensor, size: int) -> Tensor:
     """TF1 ``ResizeBilinear(align_corners=False)`` as two small matmuls. x: (B, C, H, W) float."""
     _, _, H, W = x.shape
-    if H == size and W == size:
+    if size == H and size == W:
         return x
     rows = _tf1_axis_weights(H, size, x.dtype).to(x.device)
     cols = _tf1_axis_weights(W, size, x.dtype).to(x.device)
