@@ -239,7 +239,7 @@ def make_parser() -> Parser:
     p = add("demo", cmd_demo, "train, sample and evaluate the nano model offline on real MNIST digits (about 4 min on 2 CPU cores)",
             "Runs the whole pipeline on built-in data with no network: trains a 1.3M-parameter in-context DiT on\n"
             "4,500 real MNIST digits (rectified flow, EMA), samples with classifier-free guidance, computes FID with\n"
-            "the real Inception-v3 weights against 200 held-out digits (--baseline: also before training) and prints a summary.\n"
+            "the real Inception-v3 weights against 150 held-out digits (--baseline: also before training) and prints a summary.\n"
             "The run directory keeps config.yaml, metrics.jsonl, checkpoints/, samples.png and loss.png.")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 600)")
     p.add_argument("--results-dir", default="results", help="parent of the run directory (default: results)")
