@@ -74,3 +74,21 @@ def test_model_info_json(capsys):
     assert main(["model-info", "-c", TINY, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["params"] > 0 and info["token_layout"]["sequence_length"] == 16 + 2 + 2
+
+
+def test_sample_and_eval_from_a_trained_checkpoint(capsys, tmp_path):
+    from PIL import Image
+
+    assert main(["train", "-c", TINY, f"run.results_dir={tmp_path}", "run.name=t", "eval=null"]) == 0
+    ck = str(tmp_path / "t" / "checkpoints" / "step-0000006.pt")
+    out = tmp_path / "grid.png"
+    assert main(["sample", "-c", TINY, "--ckpt", ck, "--labels", "1,2,3", "--nrow", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (2 * (3 * 34 + 2), 2 * 34 + 2 * 2)  # 3 tiles of 32 px + 2 px gaps, scaled x2
+    capsys.readouterr()
+    assert main(["eval", "-c", TINY, "--ckpt", ck]) == 0
+    assert capsys.readouterr().out.count("fid_mnist") == 1
+    one_line_error(capsys, ["sample", "-c", TINY, "--ckpt", ck, "--labels", "1,x"], "--labels: '1,x' is not a comma-separated")
+    one_line_error(capsys, ["sample", "-c", TINY, "--ckpt", ck, "--labels", "12"], "12 is not a class of this model (0..9)")
+    one_line_error(capsys, ["sample", "-c", TINY, "--ckpt", ck, "--num", "0"], "--num: must be at least 1")
+    one_line_error(capsys, ["sample", "-c", TINY, "--ckpt", ck, "--out", f"{out}/x.png"], "sample --out: cannot write")
+    one_line_error(capsys, ["eval", "-c", TINY], "no checkpoint: pass --ckpt PATH")

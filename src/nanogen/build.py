@@ -13,6 +13,7 @@ from nanogen.conditioning import LabelConditioner
 from nanogen.config import Stage2Config, shift_dim
 from nanogen.config.loader import build
 from nanogen.errors import NotAvailableError, UserError
+from nanogen.eval.generate import SamplerSettings
 from nanogen.objectives.flow import FlowObjective, LogitNormal, shift_factor
 
 
@@ -42,6 +43,30 @@ def train_shift(cfg: Stage2Config) -> float:
 
 def eval_shift(cfg: Stage2Config) -> float:
     return shift_factor(shift_dim(cfg), cfg.misc.time_dist_shift_base_eval or cfg.misc.time_dist_shift_base)
+
+
+def sampler_settings(cfg: Stage2Config) -> SamplerSettings:
+    g = cfg.guidance
+    return SamplerSettings(
+        num_steps=cfg.sampler.num_steps,
+        shift=eval_shift(cfg),
+        cfg_scale=1.0 if g.disabled else g.cfg.scale,
+        cfg_interval=(g.cfg.t_min, g.cfg.t_max),
+        solver=cfg.sampler.solver,
+    )
+
+
+def load_network(cfg: Stage2Config, path: str | None, device: torch.device) -> nn.Module:
+    """The stage-2 network with a checkpoint's weights (its EMA entry if it has one), in eval mode."""
+    from nanogen import checkpoint as ckpt
+
+    path = path or cfg.stage_2.ckpt
+    if not path:
+        raise UserError("no checkpoint: pass --ckpt PATH or set stage_2.ckpt in the config")
+    net = build_network(cfg)
+    sd, which = ckpt.weights_from(ckpt.read(path), "ema")
+    ckpt.load_weights(net, sd, f"checkpoint '{path}' ({which})")
+    return net.to(device).eval()
 
 
 def build_objective(cfg: Stage2Config, net: nn.Module) -> FlowObjective:

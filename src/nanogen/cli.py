@@ -78,62 +78,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_labels(text: str, num_classes: int) -> list[int]:
+    try:
+        labels = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise UserError(f"sample --labels: '{text}' is not a comma-separated list of integers, e.g. --labels 3,3,7") from None
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise UserError(f"sample --labels: {bad[0]} is not a class of this model (0..{num_classes - 1})")
+    return labels
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from nanogen import checkpoint as ckpt
     from nanogen import parallel
-    from nanogen.build import build_conditioner, build_network, build_objective, build_tokenizer, eval_shift
+    from nanogen.build import (
+        build_conditioner,
+        build_objective,
+        build_tokenizer,
+        load_network,
+        sampler_settings,
+    )
     from nanogen.eval import generate as gen
     from nanogen.viz import save_grid
 
     cfg = _load(args)
-    path = args.ckpt or cfg.stage_2.ckpt
-    if not path:
-        raise UserError("sample: no checkpoint; pass --ckpt PATH or set stage_2.ckpt in the config")
+    labels = _parse_labels(args.labels, cfg.misc.num_classes) if args.labels else None
+    if labels is None and args.num < 1:
+        raise UserError(f"sample --num: must be at least 1, got {args.num}")
     info = parallel.init(cfg.run.device)
-    net = build_network(cfg)
-    sd, which = ckpt.weights_from(ckpt.read(path), "ema")
-    ckpt.load_weights(net, sd, f"checkpoint '{path}' ({which})")
-    net.to(info.device).eval()
+    net = load_network(cfg, args.ckpt, info.device)
     objective, tokenizer, cond = build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg)
-    labels = torch.tensor([int(c) for c in args.labels.split(",")]) if args.labels else None
-    n = len(labels) if labels is not None else args.num
-    idx = list(range(n))
-    if labels is None:
-        labels = gen.balanced_labels(idx, cfg.misc.num_classes)
-    bad = [int(y) for y in labels if not 0 <= int(y) < cfg.misc.num_classes]
-    if bad:
-        raise UserError(f"sample --labels: {bad[0]} is not a class of this model (0..{cfg.misc.num_classes - 1})")
+    idx = list(range(len(labels) if labels is not None else args.num))
+    label_t = torch.tensor(labels) if labels is not None else gen.balanced_labels(idx, cfg.misc.num_classes)
     noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), args.seed, info.device)
-    imgs = gen.generate(
-        objective, tokenizer, cond, labels, noise, num_steps=cfg.sampler.num_steps, shift=eval_shift(cfg),
-        cfg_scale=1.0 if cfg.guidance.disabled else cfg.guidance.cfg.scale,
-        cfg_interval=(cfg.guidance.cfg.t_min, cfg.guidance.cfg.t_max), solver=cfg.sampler.solver,
-    )
-    out = save_grid(imgs, args.out, nrow=args.nrow, scale=2)
-    print(f"wrote {out} ({n} samples, {cfg.sampler.num_steps} {cfg.sampler.solver} steps, cfg {cfg.guidance.cfg.scale})")
+    settings = sampler_settings(cfg)
+    imgs = gen.generate(objective, tokenizer, cond, label_t, noise, settings)
+    try:
+        out = save_grid(imgs, args.out, nrow=args.nrow, scale=2)
+    except OSError as e:
+        raise UserError(f"sample --out: cannot write '{args.out}' ({e.strerror}); pick another path") from None
+    print(f"wrote {out} ({len(idx)} samples, {settings.num_steps} {settings.solver} steps, cfg {settings.cfg_scale})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nanogen import checkpoint as ckpt
     from nanogen import parallel
-    from nanogen.build import build_conditioner, build_network, build_objective, build_tokenizer
+    from nanogen.build import build_conditioner, build_objective, build_tokenizer, load_network
     from nanogen.eval.evaluate import check_metrics, evaluate
 
     cfg = _load(args)
     if cfg.eval is None or not cfg.eval.datasets:
         raise UserError("eval: the config has no eval.datasets; add one or use a task preset that has one (task=nano)")
     check_metrics(cfg)
-    path = args.ckpt or cfg.stage_2.ckpt
-    if not path:
-        raise UserError("eval: no checkpoint; pass --ckpt PATH or set stage_2.ckpt in the config")
     info = parallel.init(cfg.run.device)
-    net = build_network(cfg)
-    sd, which = ckpt.weights_from(ckpt.read(path), "ema")
-    ckpt.load_weights(net, sd, f"checkpoint '{path}' ({which})")
-    net.to(info.device).eval()
+    net = load_network(cfg, args.ckpt, info.device)
     res = evaluate(cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg), info)
     for k, v in res.items():
         print(f"{k}: {v:.4f}")
@@ -182,10 +182,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     from nanogen.config import load_config
     from nanogen.data.nano import load_nano
+    from nanogen.demo import DEMO_CONFIG
     from nanogen.eval.evaluate import builtin_reference, cache_dir
     from nanogen.eval.inception import InceptionFeatures
 
-    cfg = load_config("configs/stage2/training/nano/lightningdit-xs-pixel-xpred-t4c8.yaml")
+    cfg = load_config(DEMO_CONFIG)
     tr, ho = load_nano("train"), load_nano("heldout")
     print(f"nano tier: {len(tr)} train / {len(ho)} held-out MNIST digits (32x32 RGB)")
     assert cfg.eval is not None
@@ -237,7 +238,7 @@ def make_parser() -> Parser:
         return p
 
     p = add("demo", cmd_demo, "train, sample and evaluate the nano model offline on real MNIST digits (about 4 min on 2 CPU cores)",
-            "Runs the whole pipeline on built-in data with no network: trains a 1.3M-parameter in-context DiT on\n"
+            "Runs the whole pipeline on built-in data with no network: trains a 0.76M-parameter in-context DiT on\n"
             "4,500 real MNIST digits (rectified flow, EMA), samples with classifier-free guidance, computes FID with\n"
             "the real Inception-v3 weights against 150 held-out digits (--baseline: also before training) and prints a summary.\n"
             "The run directory keeps config.yaml, metrics.jsonl, checkpoints/, samples.png and loss.png.")

@@ -33,8 +33,8 @@ from nanogen.build import (
     build_objective,
     build_tokenizer,
     check_runnable,
-    eval_shift,
     load_train_images,
+    sampler_settings,
 )
 from nanogen.config import Stage2Config, dump_yaml
 from nanogen.data.loader import TensorLoader
@@ -89,12 +89,7 @@ def sample_grid(cfg: Stage2Config, objective, tokenizer, conditioner, device: to
     idx = list(range(rows * per_class))
     labels = torch.tensor([i // per_class for i in idx])
     noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), seed=1234, device=device)
-    return gen.generate(
-        objective, tokenizer, conditioner, labels, noise,
-        num_steps=cfg.sampler.num_steps, shift=eval_shift(cfg),
-        cfg_scale=1.0 if cfg.guidance.disabled else cfg.guidance.cfg.scale,
-        cfg_interval=(cfg.guidance.cfg.t_min, cfg.guidance.cfg.t_max), solver=cfg.sampler.solver,
-    )
+    return gen.generate(objective, tokenizer, conditioner, labels, noise, sampler_settings(cfg))
 
 
 def train(cfg: Stage2Config) -> TrainResult:
@@ -174,6 +169,7 @@ def train(cfg: Stage2Config) -> TrainResult:
 
         res = evaluate(cfg, ema_objective, tokenizer, conditioner, info, seed=0, tag=tag)
         result.evals[step] = res
+        print0(f"eval{tag}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
         metrics.log(step, **{f"eval/{k}": v for k, v in res.items()})
 
     if cfg.eval is not None and cfg.eval.eval_at_start and step == 0:

@@ -24,7 +24,7 @@ from nanogen.eval import generate as gen
 from nanogen.eval.fid import GaussianMoments, fid_from_moments, frechet_distance
 from nanogen.eval.images import to_uint8
 from nanogen.eval.inception import FEATURE_DIM, InceptionFeatures, weights_sha256
-from nanogen.log import print0, progress
+from nanogen.log import progress
 
 AVAILABLE_METRICS = ("fid",)
 
@@ -111,13 +111,14 @@ def evaluate(
     tag: str = "",
 ) -> dict[str, float]:
     """Generate ``num_samples`` images per eval dataset on all processes and compute its metrics."""
-    from nanogen.build import eval_shift
+    from nanogen.build import sampler_settings
 
     assert cfg.eval is not None
     extractor = InceptionFeatures(info.device)
     results: dict[str, float] = {}
     latent_shape = tuple(cfg.misc.latent_size)
     autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
+    settings = sampler_settings(cfg)
     for name, ds in cfg.eval.datasets.items():
         n = ds.num_samples
         mine = list(range(info.rank, n, info.world_size))
@@ -129,11 +130,8 @@ def evaluate(
                 noise = gen.per_sample_noise(idx, latent_shape, seed, info.device)
                 labels = gen.balanced_labels(idx, cfg.misc.num_classes)
                 images = gen.generate(
-                    objective, tokenizer, conditioner, labels, noise,
-                    num_steps=cfg.sampler.num_steps, shift=eval_shift(cfg),
-                    cfg_scale=1.0 if cfg.guidance.disabled else cfg.guidance.cfg.scale,
-                    cfg_interval=(cfg.guidance.cfg.t_min, cfg.guidance.cfg.t_max),
-                    solver=cfg.sampler.solver, autocast_dtype=autocast, on_step=lambda: bar.update(1),
+                    objective, tokenizer, conditioner, labels, noise, settings,
+                    autocast_dtype=autocast, on_step=lambda: bar.update(1),
                 )
                 fake.update(extractor(to_uint8(images)))
         fake = _reduce(fake)
@@ -144,5 +142,4 @@ def evaluate(
             else:
                 mu, sigma = npz_reference(ds.reference_npz)  # type: ignore[arg-type]
                 results[f"fid_{name}"] = frechet_distance(*fake.mean_cov(), mu, sigma)
-        print0(f"eval{tag}: " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()))
     return results

@@ -8,6 +8,7 @@ evaluated before (unlike the reference's global-RNG eval noise, spec ``reference
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,17 @@ from torch import Tensor, nn
 from nanogen import sampling
 from nanogen.conditioning import Cond, LabelConditioner
 from nanogen.objectives.flow import FlowObjective
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample: everything ``generate`` needs from the config's sampler / guidance / misc blocks."""
+
+    num_steps: int
+    shift: float = 1.0  # sampling-time resolution shift (misc.time_dist_shift_base_eval)
+    cfg_scale: float = 1.0  # 1 = no guidance
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    solver: str = "euler"
 
 
 def per_sample_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
@@ -36,12 +48,8 @@ def generate(
     conditioner: LabelConditioner,
     labels: Tensor,
     noise: Tensor,
+    settings: SamplerSettings,
     *,
-    num_steps: int,
-    shift: float,
-    cfg_scale: float,
-    cfg_interval: tuple[float, float] = (0.0, 1.0),
-    solver: str = "euler",
     autocast_dtype: torch.dtype | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> Tensor:
@@ -49,7 +57,8 @@ def generate(
     device = noise.device
     cond: Cond = conditioner(labels.to(device))
     null = conditioner.null(len(labels), device)
-    v = sampling.classifier_free(objective.velocity, cond, null, cfg_scale, *cfg_interval)
+    s = settings
+    v = sampling.classifier_free(objective.velocity, cond, null, s.cfg_scale, *s.cfg_interval)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        z = sampling.sample(v, noise, num_steps, shift, solver, on_step)
+        z = sampling.sample(v, noise, s.num_steps, s.shift, s.solver, on_step)
     return tokenizer.decode(z.float())
