@@ -3,8 +3,8 @@
 A training checkpoint is one ``torch.save`` dict with the reference's keys (``step``, ``epoch``, ``model``,
 ``ema``, ``optimizer``, ``scheduler``) plus what an exact resume needs: the data position (``loader``),
 every RNG state (``rng``) and the resolved config (``config``). Files are written to a temporary name and
-renamed, so a crash mid-save never leaves a truncated checkpoint behind. ``keep`` rolling checkpoints are
-kept (plus every one marked final).
+renamed, so a crash mid-save never leaves a truncated checkpoint behind. Only the newest ``keep``
+checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 
 from nanogen.errors import CheckpointError
 
-CKPT_RE = re.compile(r"step-(\d+)(-final)?\.pt$")
+CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,11 +64,10 @@ def latest(ckpt_dir: Path) -> Path | None:
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete the oldest rolling checkpoints beyond ``keep`` (final ones are never deleted)."""
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0: delete none)."""
     if keep <= 0:
         return
-    rolling = [p for _, p in list_checkpoints(ckpt_dir) if not p.name.endswith("-final.pt")]
-    for p in rolling[:-keep]:
+    for _, p in list_checkpoints(ckpt_dir)[:-keep]:
         p.unlink(missing_ok=True)
 
 

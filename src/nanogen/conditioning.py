@@ -19,12 +19,6 @@ class Cond:
     value: Tensor  # labels (B,) int64, or text states (B, L, C)
     mask: Tensor | None = None  # (B, L) bool, True = real token; None = no padding anywhere
 
-    def __len__(self) -> int:
-        return self.value.shape[0]
-
-    def to(self, device: torch.device | str) -> Cond:
-        return Cond(self.value.to(device), None if self.mask is None else self.mask.to(device))
-
     def cat(self, other: Cond) -> Cond:
         if (self.mask is None) != (other.mask is None):
             a = self.mask if self.mask is not None else _ones_mask(self.value)

@@ -86,15 +86,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally shaped tensors from all ranks along dim 0 (rank order)."""
-    if not dist.is_initialized():
-        return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return torch.cat(out)
-
-
 def wrap_for_training(objective: nn.Module, info: DistInfo, compile: bool) -> nn.Module:
     """DDP over the objective (the loss is its forward), then optionally torch.compile."""
     wrapped: nn.Module = objective

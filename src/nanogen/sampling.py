@@ -49,10 +49,6 @@ def heun(v: VelocityFn, x: Tensor, grid: list[float], progress: Callable[[], Non
 SOLVERS = {"euler": euler, "heun": heun}
 
 
-def nfe_per_step(solver: str) -> int:
-    return 2 if solver == "heun" else 1
-
-
 def conditional(velocity: Callable[[Tensor, Tensor, Cond], Tensor], cond: Cond) -> VelocityFn:
     """Bind a condition: v(x, t_float) -> velocity(x, t_batch, cond)."""
 

@@ -109,7 +109,7 @@ class TrainingConfig:
     log_interval: int = 100  # steps between log lines
     checkpoint_interval: int = 4  # epochs between checkpoints
     checkpoint_every_steps: int | None = None  # additionally save every N steps (resumable mid-epoch)
-    keep_checkpoints: int = 2  # rolling checkpoints kept besides the final one (0 = keep all)
+    keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/ (0 = keep all)
     sample_every: int = 2500  # steps between sample grids
     virtual_epoch_steps: int | None = None  # length of an "epoch" for streaming data (T2I)
     grad_accum_steps: int = 1

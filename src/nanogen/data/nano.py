@@ -22,7 +22,6 @@ from nanogen.errors import UserError
 
 SPLIT_SEED = 20240601  # fixed forever: changing it changes every nano FID
 NUM_CLASSES = 10
-CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def mnist_file() -> Path:
@@ -71,9 +70,6 @@ class NanoSplit:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def captions(self) -> list[str]:
-        return [f"a handwritten digit {CLASS_NAMES[int(y)]}" for y in self.labels]
 
 
 def load_nano(split: str, image_size: int = 32, heldout_per_class: int = 50) -> NanoSplit:
