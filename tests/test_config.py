@@ -79,6 +79,20 @@ def test_overrides_are_typed_and_strict():
         load_config(DEMO, ["stage_2.params.hidden_sise=64"])
 
 
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("training.max_steps=-5", "training.max_steps: must be >= 0 (or null), got -5"),
+        ("training.batch_size=0", "training.batch_size: must be >= 1"),
+        ("training.ema_decay=1.5", "training.ema_decay: must be in [0, 1]"),
+        ("eval.datasets.mnist.num_samples=1", "eval.datasets.mnist: num_samples must be >= 2"),
+    ],
+)
+def test_value_ranges(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_config(DEMO, [override])
+
+
 def test_model_params_are_checked():
     with pytest.raises(ConfigError, match="not divisible by num_heads"):
         load_config(DEMO, ["stage_2.params.num_heads=3"])

@@ -25,6 +25,6 @@ def test_torchrun_two_processes(tmp_path):
     assert final.is_file(), r.stderr[-3000:]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6]
-    assert any("eval/fid_mnist" in r for r in recs)
+    assert any("eval_ema/fid_mnist" in r for r in recs)
     state = torch.load(final, weights_only=False)
     assert state["loader"]["batch"] > 0 and "done: step 6" in r.stdout

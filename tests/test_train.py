@@ -28,7 +28,10 @@ def test_tiny_run_writes_everything(tmp_path):
     assert [p.name for _, p in ckpt.list_checkpoints(d / "checkpoints")] == ["step-0000003.pt", "step-0000006.pt"]
     recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6]
-    assert any("eval/fid_mnist" in r for r in recs) and res.evals[6]["fid_mnist"] > 0
+    assert any("eval_ema/fid_mnist" in r for r in recs) and res.evals[6]["fid_mnist"] > 0
+    csv_rows = (d / "evals" / "a_ema.csv").read_text().splitlines()
+    assert csv_rows[0] == "step,fid_mnist" and csv_rows[1].startswith("6,")
+    assert not (d / "evals" / "a_model.csv").exists()  # raw weights only with eval.eval_model
     again = load_config(d / "config.yaml")  # the saved config is a valid config of the same run
     assert again.stage_2.params == yaml.safe_load((d / "config.yaml").read_text())["stage_2"]["params"]
     state = torch.load(d / "checkpoints" / "step-0000006.pt", weights_only=False)
@@ -45,6 +48,25 @@ def test_resume_is_exact(tmp_path):
     for key in ("model", "ema"):
         for k in a[key]:
             torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0, msg=f"{key}.{k}")
+
+
+def test_eval_model_also_scores_raw_weights(tmp_path):
+    res = train(tiny(tmp_path, "run.name=m", "eval.eval_model=true", f"eval.eval_dir={tmp_path}/csv"))
+    recs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ema = next(r["eval_ema/fid_mnist"] for r in recs if "eval_ema/fid_mnist" in r)
+    raw = next(r["eval_model/fid_mnist"] for r in recs if "eval_model/fid_mnist" in r)
+    assert ema != raw  # EMA (decay 0.99 over 6 steps) and raw weights are different models
+    assert (tmp_path / "csv" / "m_model.csv").is_file() and (tmp_path / "csv" / "m_ema.csv").is_file()
+
+
+def test_resume_false_refuses_a_run_dir_with_checkpoints(tmp_path):
+    from nanogen.errors import UserError
+
+    train(tiny(tmp_path, "run.name=n", "eval=null", "training.max_steps=3"))
+    before = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())
+    with pytest.raises(UserError, match="run.resume=false but .* already holds checkpoints"):
+        train(tiny(tmp_path, "run.name=n", "eval=null", "run.resume=false"))
+    assert sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir()) == before
 
 
 def test_rerun_of_a_finished_run_trains_nothing(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -43,6 +44,23 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
+
+
+def append_csv(path: Path, row: dict[str, Any]) -> None:
+    """Add a row to a CSV whose header is the union of all columns seen so far (``step`` first)."""
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    rows.append({k: str(v) for k, v in row.items()})
+    cols = list(dict.fromkeys(["step", *(k for r in rows for k in r)]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ from nanogen.data.loader import TensorLoader
 from nanogen.ema import EMA
 from nanogen.errors import UserError
 from nanogen.eval import generate as gen
-from nanogen.log import MetricsLog, print0, progress, read_metrics
+from nanogen.log import MetricsLog, append_csv, print0, progress, read_metrics
 from nanogen.optim import build_optimizer, build_scheduler
 from nanogen.viz import save_grid, save_loss_curve
 
@@ -96,8 +96,14 @@ def train(cfg: Stage2Config) -> TrainResult:
     check_runnable(cfg)  # everything that can be wrong with the config fails here, before any work
     info = parallel.init(cfg.run.device)
     tc = cfg.training
-    run_dir = prepare_run_dir(cfg) if info.is_main else Path(cfg.run.results_dir) / str(cfg.run.name)
+    run_dir = prepare_run_dir(cfg) if info.is_main else Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
     parallel.barrier()
+    existing = ckpt.latest(run_dir / "checkpoints")
+    if existing is not None and not cfg.run.resume:
+        raise UserError(
+            f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
+            f"choose a new run.name, or drop run.resume=false to continue that run"
+        )
 
     # ---- data ----
     images, labels = load_train_images(cfg)
@@ -121,7 +127,7 @@ def train(cfg: Stage2Config) -> TrainResult:
 
     # ---- resume ----
     step = 0
-    last = ckpt.latest(run_dir / "checkpoints") if cfg.run.resume else None
+    last = existing
     if last is not None:
         state = ckpt.read(last)
         ckpt.load_weights(net, ckpt.weights_from(state, "model")[0], f"checkpoint '{last}' (model)")
@@ -165,12 +171,20 @@ def train(cfg: Stage2Config) -> TrainResult:
             save_grid(grid, run_dir / "samples.png", nrow=8, scale=2)
 
     def run_eval(tag: str) -> None:
+        """EMA weights always, raw weights too with eval.eval_model; metrics.jsonl + one CSV per weight kind."""
         from nanogen.eval.evaluate import evaluate
 
-        res = evaluate(cfg, ema_objective, tokenizer, conditioner, info, seed=0, tag=tag)
-        result.evals[step] = res
-        print0(f"eval{tag}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
-        metrics.log(step, **{f"eval/{k}": v for k, v in res.items()})
+        assert cfg.eval is not None
+        eval_dir = Path(cfg.eval.eval_dir).expanduser() if cfg.eval.eval_dir else run_dir / "evals"
+        kinds = [("ema", ema_objective)] + ([("model", objective)] if cfg.eval.eval_model else [])
+        for kind, obj in kinds:
+            res = evaluate(cfg, obj, tokenizer, conditioner, info, seed=0, tag=f"{tag} [{kind}]")
+            if kind == "ema":
+                result.evals[step] = res
+            print0(f"eval{tag} [{kind}]: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+            metrics.log(step, **{f"eval_{kind}/{k}": v for k, v in res.items()})
+            if info.is_main:
+                append_csv(eval_dir / f"{cfg.run.name}_{kind}.csv", {"step": step, **res})
 
     if cfg.eval is not None and cfg.eval.eval_at_start and step == 0:
         run_eval(" (untrained)")

@@ -70,8 +70,22 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
         raise ConfigError(f"misc.latent_size: expected [C, H, W], got {cfg.misc.latent_size}")
     if not 0 <= cfg.conditioning.cfg_dropout_prob < 1:
         raise ConfigError(f"conditioning.cfg_dropout_prob: must be in [0, 1), got {cfg.conditioning.cfg_dropout_prob}")
-    if cfg.sampler.num_steps < 1:
-        raise ConfigError(f"sampler.num_steps: must be >= 1, got {cfg.sampler.num_steps}")
+    tc = cfg.training
+    for path, value, ok, rule in [
+        ("sampler.num_steps", cfg.sampler.num_steps, cfg.sampler.num_steps >= 1, ">= 1"),
+        ("training.max_steps", tc.max_steps, tc.max_steps is None or tc.max_steps >= 0, ">= 0 (or null)"),
+        ("training.batch_size", tc.batch_size, tc.batch_size >= 1, ">= 1"),
+        ("training.log_interval", tc.log_interval, tc.log_interval >= 1, ">= 1"),
+        ("training.ema_decay", tc.ema_decay, 0 <= tc.ema_decay <= 1, "in [0, 1]"),
+    ]:
+        if not ok:
+            raise ConfigError(f"{path}: must be {rule}, got {value}")
+    for name, ds in (cfg.eval.datasets if cfg.eval is not None else {}).items():
+        if ds.num_samples < 2 or ds.batch_size < 1:
+            raise ConfigError(
+                f"eval.datasets.{name}: num_samples must be >= 2 (a covariance needs two) and batch_size >= 1, "
+                f"got {ds.num_samples} and {ds.batch_size}"
+            )
 
     # --- names resolve through the registries ---
     name1, _ = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")

@@ -91,7 +91,7 @@ class EvalDatasetConfig:
 class EvalConfig:
     eval_interval: int = 5000  # steps between online evaluations (0 = only at the end)
     eval_model: bool = False  # also evaluate the raw (non-EMA) weights
-    eval_dir: str | None = None  # where metric CSVs go; None = <run dir>/evals
+    eval_dir: str | None = None  # where metric CSVs (<run.name>_{ema,model}.csv) go; None = <run dir>/evals
     eval_at_start: bool = False  # also evaluate the untrained model (a baseline for the curve)
     datasets: dict[str, EvalDatasetConfig] = field(default_factory=dict)
 
