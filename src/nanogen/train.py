@@ -196,6 +196,7 @@ def train(cfg: Stage2Config) -> TrainResult:
     t_log, step_log = time.time(), step
     start_step = step
     batches = iter(loader)
+    null = conditioner.null(1, info.device)  # the CFG-dropout condition, made once
     bar = progress(total_steps, "training", unit="step", initial=step)
     try:
         while step < total_steps:
@@ -206,7 +207,7 @@ def train(cfg: Stage2Config) -> TrainResult:
                 with ctx, torch.autocast(**autocast):
                     with torch.no_grad():
                         z = tokenizer.encode(x)
-                    out = wrapped(z, conditioner(y), conditioner.null(1, info.device))
+                    out = wrapped(z, conditioner(y), null)
                     loss = out["loss"] / tc.grad_accum_steps
                 loss.backward()
                 loss_sum += loss.detach()

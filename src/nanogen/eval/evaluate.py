@@ -137,7 +137,12 @@ def evaluate(
         fake = _reduce(fake)
         if "fid" in ds.metrics:
             if ds.type == "builtin":
-                ref = builtin_reference(name, ds, cfg.training.image_size, n, extractor)
+                # rank 0 computes (and caches) the reference; the others then read the cache instead of redoing it
+                if info.is_main:
+                    ref = builtin_reference(name, ds, cfg.training.image_size, n, extractor)
+                parallel.barrier()
+                if not info.is_main:
+                    ref = builtin_reference(name, ds, cfg.training.image_size, n, extractor)
                 results[f"fid_{name}"] = fid_from_moments(fake, ref)
             else:
                 mu, sigma = npz_reference(ds.reference_npz)  # type: ignore[arg-type]
