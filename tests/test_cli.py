@@ -60,6 +60,9 @@ def test_unwritable_results_dir_leaves_nothing(capsys, tmp_path):
     blocker.write_text("x")
     one_line_error(capsys, ["train", "-c", TINY, f"run.results_dir={blocker}/sub"], "is not writable", "run.results_dir=PATH")
     assert blocker.read_text() == "x"
+    one_line_error(capsys, ["train", "-c", TINY, f"run.results_dir={tmp_path}/ok", f"eval.eval_dir={blocker}/e"],
+                   "eval directory", "eval.eval_dir=PATH")
+    assert not list((tmp_path / "ok").rglob("*.pt"))  # refused before any training
 
 
 def test_subprocess_error_has_no_traceback():

@@ -58,19 +58,21 @@ class TrainResult:
     params: int = 0
 
 
-def prepare_run_dir(cfg: Stage2Config) -> Path:
-    """Create (or reopen) the run directory; fail with one line if it cannot be written."""
-    run_dir = Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
+def ensure_writable(directory: Path, what: str, fix: str) -> Path:
+    """Create (or reopen) a directory and prove it can be written; one clear line if not."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(
-            f"results directory '{run_dir}' is not writable ({e.strerror}); choose another with run.results_dir=PATH"
-        ) from None
-    return run_dir
+        raise UserError(f"{what} '{directory}' is not writable ({e.strerror}); choose another with {fix}") from None
+    return directory
+
+
+def eval_dir(cfg: Stage2Config, run_dir: Path) -> Path:
+    assert cfg.eval is not None
+    return Path(cfg.eval.eval_dir).expanduser() if cfg.eval.eval_dir else run_dir / "evals"
 
 
 def write_config(cfg: Stage2Config, run_dir: Path, resumed_step: int) -> None:
@@ -96,7 +98,11 @@ def train(cfg: Stage2Config) -> TrainResult:
     check_runnable(cfg)  # everything that can be wrong with the config fails here, before any work
     info = parallel.init(cfg.run.device)
     tc = cfg.training
-    run_dir = prepare_run_dir(cfg) if info.is_main else Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
+    run_dir = Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
+    if info.is_main:  # every directory the run will write is checked now, not after hours of training
+        ensure_writable(run_dir, "results directory", "run.results_dir=PATH")
+        if cfg.eval is not None and cfg.eval.datasets:
+            ensure_writable(eval_dir(cfg, run_dir), "eval directory", "eval.eval_dir=PATH")
     parallel.barrier()
     existing = ckpt.latest(run_dir / "checkpoints")
     if existing is not None and not cfg.run.resume:
@@ -127,21 +133,20 @@ def train(cfg: Stage2Config) -> TrainResult:
 
     # ---- resume ----
     step = 0
-    last = existing
-    if last is not None:
-        state = ckpt.read(last)
-        ckpt.load_weights(net, ckpt.weights_from(state, "model")[0], f"checkpoint '{last}' (model)")
+    if existing is not None:
+        state = ckpt.read(existing)
+        ckpt.load_weights(net, ckpt.weights_from(state, "model")[0], f"checkpoint '{existing}' (model)")
         ema.load_state_dict(ckpt.weights_from(state, "ema")[0])
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
         step = int(state["step"])
-        print0(f"resumed from {last} at step {step}")
+        print0(f"resumed from {existing} at step {step}")
     if info.is_main:
         write_config(cfg, run_dir, step)
     torch.manual_seed(tc.global_seed * 7919 + info.rank + step)  # per-rank noise; distinct after a resume
-    if last is not None and "rng" in state and info.world_size == 1:
+    if existing is not None and "rng" in state and info.world_size == 1:
         ckpt.set_rng_state(state["rng"])  # single process: the resumed run continues bit-exactly
 
     metrics = MetricsLog(run_dir / "metrics.jsonl" if info.is_main else None, _wandb(cfg, run_dir, info))
@@ -175,7 +180,6 @@ def train(cfg: Stage2Config) -> TrainResult:
         from nanogen.eval.evaluate import evaluate
 
         assert cfg.eval is not None
-        eval_dir = Path(cfg.eval.eval_dir).expanduser() if cfg.eval.eval_dir else run_dir / "evals"
         kinds = [("ema", ema_objective)] + ([("model", objective)] if cfg.eval.eval_model else [])
         for kind, obj in kinds:
             res = evaluate(cfg, obj, tokenizer, conditioner, info, seed=0, tag=f"{tag} [{kind}]")
@@ -184,7 +188,7 @@ def train(cfg: Stage2Config) -> TrainResult:
             print0(f"eval{tag} [{kind}]: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
             metrics.log(step, **{f"eval_{kind}/{k}": v for k, v in res.items()})
             if info.is_main:
-                append_csv(eval_dir / f"{cfg.run.name}_{kind}.csv", {"step": step, **res})
+                append_csv(eval_dir(cfg, run_dir) / f"{cfg.run.name}_{kind}.csv", {"step": step, **res})
 
     if cfg.eval is not None and cfg.eval.eval_at_start and step == 0:
         run_eval(" (untrained)")
