@@ -69,11 +69,23 @@ def rope_2d_angles(grid: int, head_dim: int, n_before: int, n_after: int, theta:
     return torch.cat([pad(n_before), vision, pad(n_after)], dim=0)
 
 
+def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
+    """(L, d/2) angles -> full-width (L, d) tables: cos repeated per pair, sin as (-sin, +sin) per pair.
+
+    The full width matches the reference's ``freqs_cos``/``freqs_sin`` layout ([L, head_dim]) and lets
+    ``apply_rope`` work on contiguous tensors (strided even/odd views are several times slower on CPU).
+    """
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(-2)
+    return cos.float(), sin.float()
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). x: (B, H, L, d)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, d/2) each
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as x * cos + swap(x) * sin
+    with swap(x0, x1) = (x1, x0) and the signed tables of ``rope_tables``. x: (B, H, L, d)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos + swapped * sin).to(x.dtype)
 
 
 class Rope2D(nn.Module):
@@ -81,10 +93,10 @@ class Rope2D(nn.Module):
 
     def __init__(self, grid: int, head_dim: int, n_before: int = 0, n_after: int = 0):
         super().__init__()
-        ang = rope_2d_angles(grid, head_dim, n_before, n_after)
+        cos, sin = rope_tables(rope_2d_angles(grid, head_dim, n_before, n_after))
         # Not persistent: the tables are a pure function of the layout, rebuilt at construction.
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return apply_rope(x, self.cos, self.sin)
