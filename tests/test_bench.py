@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import DEMO
 
+from conftest import DEMO
 from nanogen.build import build_conditioner, build_network, build_objective
 from nanogen.config import load_config
 from nanogen.ema import EMA

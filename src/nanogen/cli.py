@@ -242,7 +242,7 @@ def make_parser() -> Parser:
             "4,500 real MNIST digits (rectified flow, EMA), samples with classifier-free guidance, computes FID with\n"
             "the real Inception-v3 weights against 150 held-out digits (--baseline: also before training) and prints a summary.\n"
             "The run directory keeps config.yaml, metrics.jsonl, checkpoints/, samples.png and loss.png.")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 600)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's 700)")
     p.add_argument("--results-dir", default="results", help="parent of the run directory (default: results)")
     p.add_argument("--baseline", action="store_true", help="also compute the FID of the untrained model first (about +60 s)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
@@ -262,7 +262,7 @@ def make_parser() -> Parser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     p = add("sample", cmd_sample, "sample an image grid from a checkpoint (EMA weights)",
-            "examples:\n  nanogen sample -c CONFIG --ckpt results/demo/checkpoints/step-0000600.pt --out grid.png\n"
+            "examples:\n  nanogen sample -c CONFIG --ckpt results/demo/checkpoints/step-0000700.pt --out grid.png\n"
             "  nanogen sample -c CONFIG --ckpt CKPT --labels 3,3,3,7,7,7 guidance.cfg.scale=3")
     _config_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint (default: stage_2.ckpt of the config)")
