@@ -313,7 +313,8 @@ def _print_config(cfg) -> None:
 def _summary(res) -> None:
     from nanogen.log import print0
 
-    print0(f"done: step {res.step}, {res.images_per_s:.1f} img/s, final loss {res.final_loss:.4f}, run dir {res.run_dir}")
+    loss = f"final loss {res.final_loss:.4f}" if res.steps_this_run else "no steps trained in this call"
+    print0(f"done: step {res.step}, {res.images_per_s:.1f} img/s, {loss}, run dir {res.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
