@@ -45,14 +45,21 @@ def _import(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-# stage-2 networks (the generator). Issue-3 adds the DDT here.
+# stage-2 networks (the generator).
 MODELS: dict[str, Entry] = {
+    "DDT": Entry(
+        "nanogen.models.ddt:DDT",
+        "nanogen.models.ddt:DDTConfig",
+        "Decoupled Diffusion Transformer (spec reference.md §3.2): in-context encoder + AdaLN-Zero decoder head",
+    ),
     "LightningDiT": Entry(
         "nanogen.models.lightning_dit:LightningDiT",
         "nanogen.models.lightning_dit:LightningDiTConfig",
         "single-stream in-context DiT (spec reference.md §3.4): time/class/text tokens + pre-norm blocks",
     ),
 }
+for _size in ("XS", "S", "B", "XL"):
+    MODELS[f"DDT-{_size}"] = Entry(MODELS["DDT"].target, MODELS["DDT"].config, f"DDT, named size {_size}", f"DDT-{_size}")
 for _size in ("XS", "S", "B", "L", "XL"):
     MODELS[f"LightningDiT-{_size}"] = Entry(
         MODELS["LightningDiT"].target, MODELS["LightningDiT"].config, f"LightningDiT, named size {_size}", f"LightningDiT-{_size}"
@@ -69,29 +76,41 @@ TOKENIZERS: dict[str, Entry] = {
 
 # The reference's `target:` import strings, accepted when reading its configs.
 ALIASES: dict[str, str] = {
+    "stage2.models.DDT.DiTwDDTHead": "DDT",
     "stage2.models.lightningDiT.LightningDiT": "LightningDiT",
     "stage1.pixel.PixelEncoder": "pixel",
     "stage1.PixelEncoder": "pixel",
 }
 
 # Names the reference uses that a later nanogen release fills in: a clear message instead of "unknown".
+# Stage-1 names resolve (so configs that use them load, and ``model-info`` works on them); building one says
+# "not available yet".
 PLANNED: dict[str, str] = {
-    "stage2.models.DDT.DiTwDDTHead": "DDT",
     "stage2.models.DDT.DiTwDDTHeadIG": "DDT-IG",
     "stage2.models.lightningDiT.LightningDiTIG": "LightningDiT-IG",
-    "DDT": "DDT",
+    "DDT-IG": "DDT-IG",
+    "LightningDiT-IG": "LightningDiT-IG",
     "stage1.VAE": "vae",
     "stage1.QwenVAE": "qwen-vae",
     "stage1.Flux2VAE": "flux2-vae",
     "stage1.RAE": "rae",
+    "vae": "vae",
+    "qwen-vae": "qwen-vae",
+    "flux2-vae": "flux2-vae",
+    "rae": "rae",
 }
 
 
-def lookup(table: dict[str, Entry], name: str, where: str) -> tuple[str, Entry]:
-    """Resolve ``name`` (or a reference alias) in ``table``; a clear ConfigError otherwise."""
+def lookup(table: dict[str, Entry], name: str, where: str, allow_planned: bool = False) -> tuple[str, Entry | None]:
+    """Resolve ``name`` (or a reference alias) in ``table``; a clear ConfigError otherwise.
+
+    ``allow_planned``: a name a later release fills in resolves to its nanogen name with no entry (None).
+    """
     canonical = ALIASES.get(name, name)
     if canonical in table:
         return canonical, table[canonical]
+    if allow_planned and name in PLANNED:
+        return PLANNED[name], None
     if name in PLANNED or canonical in PLANNED:
         raise ConfigError(
             f"{where}: '{name}' is not available in this nanogen release yet; "

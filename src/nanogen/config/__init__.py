@@ -30,6 +30,13 @@ __all__ = [
 # Widths of the text encoders we know, so configs resolve without loading the encoder.
 TEXT_ENCODER_WIDTHS = {"Qwen/Qwen3-0.6B": 1024, "minilm": 384, "sentence-transformers/all-MiniLM-L6-v2": 384}
 
+# Widths of the representation encoders used as REPA / REG targets (z_dim), spec reference.md §6.5.
+ENCODER_WIDTHS = {
+    "dinov2-vit-s": 384, "dinov2-vit-b": 768, "dinov2-vit-l": 1024, "dinov2-vit-g": 1536,
+    "dinov3-vit-b16": 768, "dinov3-vit-l16": 1024, "siglip2-vit-b": 768, "siglip2-vit-l": 1024,
+    "pe-vit-l": 1024, "spatialpe-vit-l": 1024, "langpe-vit-l": 1024, "mae-vit-b": 768,
+}
+
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage2Config:
     cfg = compose(path, overrides, Stage2Config)
@@ -64,6 +71,13 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
         raise ConfigError("repa.use_reg: REG cannot be combined with MeanFlow (transport.meanflow); turn one off")
     if (cfg.repa.use_repa or cfg.repa.use_reg) and not cfg.repa.target_encoder:
         raise ConfigError("repa.target_encoder: REPA/REG need a target encoder, e.g. dinov2-vit-b")
+    if (cfg.repa.use_repa or cfg.repa.use_reg) and cfg.repa.z_dim is None:
+        width = ENCODER_WIDTHS.get(cfg.repa.target_encoder)
+        if width is None:
+            raise ConfigError(
+                f"repa.z_dim: unknown width for target encoder '{cfg.repa.target_encoder}'; set repa.z_dim to its embedding size"
+            )
+        cfg.repa.z_dim = width
     if cfg.training.grad_accum_steps < 1:
         raise ConfigError(f"training.grad_accum_steps: must be >= 1, got {cfg.training.grad_accum_steps}")
     if len(cfg.misc.latent_size) != 3:
@@ -88,7 +102,8 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
             )
 
     # --- names resolve through the registries ---
-    name1, _ = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
+    # stage-1 names a later release builds (VAEs, RAE) still resolve, so their configs load and model-info works
+    name1, _ = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target", allow_planned=True)
     cfg.stage_1.target = name1
     name2, entry2 = registry.lookup(registry.MODELS, cfg.stage_2.target, "stage_2.target")
     cfg.stage_2.target = name2

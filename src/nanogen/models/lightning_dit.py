@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from nanogen.models.in_context import CondArch, InContextStem, check_common
 from nanogen.models.layers import (
     Attention,
     LabelTokens,
@@ -31,12 +32,6 @@ from nanogen.models.layers import (
     TimeTokens,
     unpatchify,
 )
-
-
-@dataclass
-class CondArch:
-    num_t_tokens: int = 4  # time tokens
-    num_c_tokens: int = 8  # class tokens (text: one token per text position, = max_length)
 
 
 @dataclass
