@@ -56,15 +56,19 @@ def sampler_settings(cfg: Stage2Config) -> SamplerSettings:
     )
 
 
-def load_network(cfg: Stage2Config, path: str | None, device: torch.device) -> nn.Module:
-    """The stage-2 network with a checkpoint's weights (its EMA entry if it has one), in eval mode."""
+def load_network(cfg: Stage2Config, path: str | None, device: torch.device, prefer: str = "ema") -> nn.Module:
+    """The stage-2 network with a checkpoint's weights (its EMA entry if it has one), in eval mode.
+
+    Reads nanogen checkpoints and the reference's released ones alike (``nanogen.checkpoint``)."""
     from nanogen import checkpoint as ckpt
 
+    if prefer not in ("ema", "model"):
+        raise UserError(f"weights must be 'ema' or 'model', got '{prefer}'")
     path = path or cfg.stage_2.ckpt
     if not path:
         raise UserError("no checkpoint: pass --ckpt PATH or set stage_2.ckpt in the config")
     net = build_network(cfg)
-    sd, which = ckpt.weights_from(ckpt.read(path), "ema")
+    sd, which = ckpt.weights_from(ckpt.read(path), prefer)
     ckpt.load_weights(net, sd, f"checkpoint '{path}' ({which})")
     return net.to(device).eval()
 

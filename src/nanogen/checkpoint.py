@@ -1,5 +1,11 @@
 """Checkpoints: save, find, resume, and load weights for sampling (spec ``reference.md`` §1.4).
 
+Released DiffusionBench checkpoints (``reference-params.md``) load directly: their parameter names are
+nanogen's, and the only extra entries, the RoPE tables ``enc_rope.freqs_cos/sin`` / ``dec_rope.freqs_*`` that
+the reference saves as buffers, are checked against the token layout and dropped, because nanogen rebuilds
+them from the layout (``nanogen.models.layers.Rope2D``). ``convert`` writes such a checkpoint (or a raw state
+dict, or a ``.safetensors`` file) as a nanogen checkpoint.
+
 A training checkpoint is one ``torch.save`` dict with the reference's keys (``step``, ``epoch``, ``model``,
 ``ema``, ``optimizer``, ``scheduler``) plus what an exact resume needs: the data position (``loader``),
 every RNG state (``rng``) and the resolved config (``config``). Files are written to a temporary name and
@@ -71,14 +77,26 @@ def prune(ckpt_dir: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
+ROPE_KEY_RE = re.compile(r"^(?:(?P<mod>[\w.]*rope)\.)freqs_(?:cos|sin)$")
+
+
 def read(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file as a dict: torch.save files (nanogen's or the reference's) or .safetensors state dicts."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: '{path}'; pass a .pt file written by nanogen or the reference")
+        raise CheckpointError(
+            f"checkpoint not found: '{path}'; pass a .pt file written by nanogen or the reference"
+        )
     try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which and why, without a traceback
-        raise CheckpointError(f"cannot read checkpoint '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint '{path}': {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a dict")
     return obj
@@ -103,20 +121,88 @@ def weights_from(obj: dict[str, Any], prefer: str = "ema") -> tuple[dict[str, to
             return _strip(obj[key]), key
     if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _strip(obj), "state_dict"
-    raise CheckpointError(f"checkpoint has no 'ema' or 'model' entry and is not a state dict (keys: {', '.join(list(obj)[:8])})")
+    raise CheckpointError(
+        f"checkpoint has no 'ema' or 'model' entry and is not a state dict (keys: {', '.join(list(obj)[:8])})"
+    )
+
+
+def drop_rope_tables(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Remove the reference's saved RoPE tables after checking they fit the model's token layout.
+
+    A table of another length means the checkpoint was trained with another token layout (REG token, MeanFlow
+    tokens, number of class/text tokens, grid size): that is an error, named, not something to paper over.
+    """
+    modules = dict(net.named_modules())
+    out = {}
+    for k, v in sd.items():
+        m = ROPE_KEY_RE.match(k)
+        if m is None:
+            out[k] = v
+            continue
+        rope = modules.get(m.group("mod"))
+        if rope is None or not hasattr(rope, "cos"):
+            out[k] = v  # not a RoPE of this model: leave it for the unexpected-key report
+            continue
+        if tuple(v.shape) != tuple(rope.cos.shape):
+            raise CheckpointError(
+                f"{source}: {k} is {list(v.shape)} but the model built from the config lays out {list(rope.cos.shape)} "
+                f"([tokens, head_dim]); the checkpoint was trained with another token layout (REG / MeanFlow / "
+                f"condition tokens, grid or heads) - use the config it was trained with"
+            )
+    return out
 
 
 def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
     """Strict load with one clear message naming missing, unexpected and mis-shaped keys."""
+    sd = drop_rope_tables(net, sd, source)
     own = net.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    shaped = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shaped:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (checkpoint vs model)", shaped)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped (checkpoint vs model)", shaped),
+        ):
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
         raise CheckpointError(f"{source} does not match the model built from the config; " + "; ".join(parts))
     net.load_state_dict(sd)
+
+
+def convert(
+    src: str | Path, dst: str | Path, net: nn.Module, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Read a reference (or raw / safetensors) checkpoint, check it strictly against ``net`` and write it as a
+    nanogen checkpoint (``model`` and ``ema`` entries, plus step and config). A ``.safetensors`` destination
+    gets the EMA weights (or the only weights) as a flat state dict. Returns a summary."""
+    obj = read(src)
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    for key in ("model", "ema"):
+        if isinstance(obj.get(key), dict):
+            entries[key] = _strip(obj[key])
+    if not entries:
+        entries["ema"] = weights_from(obj)[0]
+    for key, sd in entries.items():
+        sd = drop_rope_tables(net, sd, f"checkpoint '{src}' ({key})")
+        load_weights(net, sd, f"checkpoint '{src}' ({key})")  # strict: raises on any mismatch
+        entries[key] = {k: v.contiguous() for k, v in sd.items()}
+    dst = Path(dst).expanduser()
+    if dst.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        save_file(entries.get("ema", entries.get("model")), str(dst))
+    else:
+        payload: dict[str, Any] = {"step": int(obj.get("step", 0) or 0), "epoch": obj.get("epoch"), **entries}
+        payload["config"] = config
+        payload["converted_from"] = str(src)
+        save(dst, payload)
+    return {"entries": sorted(entries), "tensors": len(next(iter(entries.values()))), "step": obj.get("step")}

@@ -143,32 +143,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_model_info(args: argparse.Namespace) -> int:
     import json
 
+    from nanogen.modelinfo import model_info, render
+
+    info = model_info(_load(args))
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
     import torch
 
     from nanogen.build import build_network
+    from nanogen.checkpoint import convert
+    from nanogen.config import to_dict
 
     cfg = _load(args)
-    with torch.device("meta"):
+    with torch.device("cpu"):
         net = build_network(cfg)
-    params = sum(p.numel() for p in net.parameters())
-    p = cfg.stage_2.params
-    grid = p["input_size"] // p["patch_size"]
-    layout = {
-        "patch_tokens": grid * grid,
-        "time_tokens": p["cond_arch"]["num_t_tokens"],
-        "condition_tokens": p["cond_arch"]["num_c_tokens"],
-    }
-    layout["sequence_length"] = sum(layout.values())
-    info = {"model": cfg.stage_2.target, "params": params, "token_layout": layout, "params_by_module": {
-        name: sum(q.numel() for q in mod.parameters()) for name, mod in net.named_children()
-    }}
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(f"{info['model']}: {params:,} parameters")
-        for k, v in info["params_by_module"].items():
-            print(f"  {k:<14} {v:>14,}")
-        print("token layout: " + ", ".join(f"{k} {v}" for k, v in layout.items()))
+    summary = convert(args.src, args.dst, net, to_dict(cfg))
+    print(
+        f"wrote {args.dst}: {', '.join(summary['entries'])} weights ({summary['tensors']} tensors) checked against "
+        f"{cfg.stage_2.target} from {args.config}"
+    )
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    from nanogen.bench import render, run_benchmark
+
+    cfg = _load(args)
+    res = run_benchmark(cfg, batch_size=args.batch_size, min_time=args.min_time, explain=not args.no_explain,
+                        threads=args.threads)  # fmt: skip
+    print(json.dumps(res, indent=2) if args.json else render(res))
     return 0
 
 
@@ -279,8 +287,42 @@ def make_parser() -> Parser:
     _config_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint (default: stage_2.ckpt of the config)")
 
-    p = add("model-info", cmd_model_info, "parameter count and token layout of a config's stage-2 network (built on the meta device)")
+    p = add("model-info", cmd_model_info, "parameters, forward GFLOPs and token layout of a config's stage-2 network",
+            "Builds the network on the meta device (no memory, no weights) and prints its parameter count (every\n"
+            "nn.Parameter, as reference-params.md counts them), the analytic forward FLOPs per image (2 x MACs of every\n"
+            "matmul and convolution, performance.md §2; training ~ 3x) and the token layout of each stream.\n\n"
+            "examples:\n"
+            "  nanogen model-info -c configs/stage2/training/imagenet/ddt-en28d1152hd72-dn2d2048hd128-rae-dinov2-vpred-t4c8.yaml\n"
+            "  nanogen model-info -c CONFIG --json | jq .params,.gflops\n"
+            "  nanogen model-info -c CONFIG task=t2i          the same network with 256 text tokens")
     _config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output (keys include params, gflops, token_layout)")
+
+    p = add("convert-checkpoint", cmd_convert_checkpoint, "check a released DiffusionBench checkpoint against a config and write it as a nanogen checkpoint",
+            "Reads a reference checkpoint ({model, ema, step, ...} with its RoPE buffers), a raw state dict or a\n"
+            ".safetensors file; loads every entry strictly into the network built from --config (missing, unexpected\n"
+            "or mis-shaped keys are named); writes DST as a nanogen checkpoint (.pt: model + ema + config) or, for\n"
+            "a .safetensors DST, the EMA weights. Released checkpoints also load directly (stage_2.ckpt / --ckpt).\n\n"
+            "example:\n"
+            "  nanogen convert-checkpoint -c configs/stage2/training/imagenet/NAME.yaml \\\n"
+            "      pretrained_models/imagenet/ckpts/NAME-v0.pt NAME-ema.safetensors")
+    p.add_argument("src", metavar="SRC", help="checkpoint to read")
+    p.add_argument("dst", metavar="DST", type=_path, help="file to write (.pt or .safetensors)")
+    _config_args(p)
+
+    p = add("benchmark", cmd_benchmark, "measure training-step speed of a config's network against this machine's matmul peak",
+            "Times forward+backward of the stage-2 network at the config's size and reports achieved GFLOP/s\n"
+            "(3 x analytic forward FLOPs per image) as a fraction of this machine's own large-matmul GFLOP/s measured\n"
+            "in the same run (the MFU analogue; on a GPU, bf16 autocast is used when training.precision=bf16).\n"
+            "Also checks that no dense attention mask is built for unmasked (class-conditional) inputs and, unless\n"
+            "--no-explain, counts torch.compile graph breaks with torch._dynamo.explain.\n\n"
+            "example:\n"
+            "  nanogen benchmark -c configs/stage2/training/nano/ddt-xs-pixel-xpred-t4c8.yaml --batch-size 32")
+    _config_args(p)
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    p.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per measurement (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-explain", action="store_true", help="skip the torch._dynamo.explain graph-break check")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = add("prepare", cmd_prepare, "fetch or build datasets and reference statistics",

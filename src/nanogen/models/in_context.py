@@ -37,7 +37,9 @@ def check_common(dim: int, heads: int, where: str) -> None:
     if dim % heads:
         raise ConfigError(f"{where}: hidden size {dim} is not divisible by num_heads {heads}")
     if (dim // heads) % 4:
-        raise ConfigError(f"{where}: head dim {dim // heads} (hidden_size/num_heads) must be divisible by 4 for 2-D RoPE")
+        raise ConfigError(
+            f"{where}: head dim {dim // heads} (hidden_size/num_heads) must be divisible by 4 for 2-D RoPE"
+        )
 
 
 class InContextStem(nn.Module):
@@ -61,7 +63,9 @@ class InContextStem(nn.Module):
         self.is_meanflow = is_meanflow
         self.s_embedder = PatchEmbed(patch, in_channels, dim)
         self.t_embedder = TimeTokens(dim, cond_arch.num_t_tokens)
-        if is_meanflow:  # MeanFlow: the main time input is the interval h = t - r; this one sees the absolute t
+        if (
+            is_meanflow
+        ):  # MeanFlow: the main time input is the interval h = t - r; this one sees the absolute t
             self.t_abs_embedder = TimeTokens(dim, cond_arch.num_t_tokens)
         if condition_type == "label":
             self.ctx_embedder: nn.Module = LabelTokens(dim, cond_arch.num_c_tokens, num_classes)
@@ -88,7 +92,9 @@ class InContextStem(nn.Module):
         parts = [s, t_tok.to(s.dtype)]
         if self.is_meanflow:
             if t_abs is None:
-                raise ValueError("a MeanFlow network needs t_abs (the absolute time) besides t (the interval t - r)")
+                raise ValueError(
+                    "a MeanFlow network needs t_abs (the absolute time) besides t (the interval t - r)"
+                )
             parts.append(self.t_abs_embedder(t_abs)[0].to(s.dtype))
         parts.append(self.ctx_embedder(cond).to(s.dtype))
         if self.enable_reg:
@@ -98,6 +104,8 @@ class InContextStem(nn.Module):
         seq = torch.cat(parts, dim=1)
         mask = None
         if cond_mask is not None:  # key mask: everything but the condition tokens is always visible
-            keep = torch.ones(seq.shape[0], seq.shape[1] - cond_mask.shape[1], dtype=torch.bool, device=seq.device)
+            keep = torch.ones(
+                seq.shape[0], seq.shape[1] - cond_mask.shape[1], dtype=torch.bool, device=seq.device
+            )
             mask = torch.cat([keep, cond_mask.to(device=seq.device, dtype=torch.bool)], dim=1)
         return seq, mask, e

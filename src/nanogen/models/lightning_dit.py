@@ -17,21 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from nanogen.models.in_context import CondArch, InContextStem, check_common
-from nanogen.models.layers import (
-    Attention,
-    LabelTokens,
-    PatchEmbed,
-    RMSNorm,
-    Rope2D,
-    SwiGLU,
-    TextTokens,
-    TimeTokens,
-    unpatchify,
-)
+from nanogen.models.layers import Attention, RMSNorm, Rope2D, SwiGLU, unpatchify
+from nanogen.models.outputs import DiTOutput
 
 
 @dataclass
@@ -47,6 +37,11 @@ class LightningDiTConfig:
     num_classes: int = 1000  # label conditioning; index num_classes is the null label
     context_dim: int | None = None  # text conditioning: width of the text encoder's states
     cond_arch: CondArch = field(default_factory=CondArch)
+    enable_repa: bool = False  # linear projector after block repa_layer_depth (§4.3)
+    repa_layer_depth: int = 8  # 1-based
+    z_dim: int | None = None  # representation width for REPA / REG
+    enable_reg: bool = False  # REG: a noised CLS token as an extra first token (§4.4)
+    is_meanflow: bool = False  # MeanFlow: a second time embedder for the absolute time (§4.6)
 
     def check(self) -> None:
         from nanogen.errors import ConfigError
@@ -55,14 +50,14 @@ class LightningDiTConfig:
             raise ConfigError(
                 f"stage_2.params: input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
             )
-        if self.hidden_size % self.num_heads:
+        check_common(self.hidden_size, self.num_heads, "stage_2.params")
+        if self.enable_repa and not 1 <= self.repa_layer_depth <= self.depth:
             raise ConfigError(
-                f"stage_2.params: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                f"stage_2.params.repa_layer_depth: {self.repa_layer_depth} is outside 1..{self.depth}"
             )
-        if (self.hidden_size // self.num_heads) % 4:
+        if (self.enable_repa or self.enable_reg) and not self.z_dim:
             raise ConfigError(
-                f"stage_2.params: head dim {self.hidden_size // self.num_heads} (hidden_size/num_heads) must be "
-                f"divisible by 4 for 2-D RoPE"
+                "stage_2.params.z_dim: REPA / REG need z_dim (the representation encoder's width, e.g. 768)"
             )
         if self.condition_type == "text" and not self.context_dim:
             raise ConfigError("stage_2.params: text conditioning needs context_dim (the text encoder width)")
@@ -88,24 +83,30 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """RMSNorm + Linear to p*p*C values per patch token; zero-initialised so training starts from output 0."""
+    """RMSNorm + Linear to p*p*C values per patch token, no modulation; zero-initialised so training starts
+    from output 0. REG: a second zero-initialised head reads the REG token."""
 
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, z_dim: int | None = None):
         super().__init__()
         self.norm = RMSNorm(dim)
         self.linear = nn.Linear(dim, out_dim)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
+        if z_dim is not None:
+            self.cls_linear = nn.Linear(dim, z_dim)
+            nn.init.zeros_(self.cls_linear.weight)
+            nn.init.zeros_(self.cls_linear.bias)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return self.linear(self.norm(h))
+    def forward(self, h: Tensor, s0: int = 0) -> tuple[Tensor, Tensor | None]:
+        h = self.norm(h)
+        return self.linear(h[:, s0:]), (self.cls_linear(h[:, 0]) if s0 else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # model
 
 
-class LightningDiT(nn.Module):
+class LightningDiT(InContextStem):
     def __init__(self, cfg: LightningDiTConfig):
         super().__init__()
         cfg.check()
@@ -113,32 +114,43 @@ class LightningDiT(nn.Module):
         D, p = cfg.hidden_size, cfg.patch_size
         self.grid = cfg.input_size // p
         self.num_patches = self.grid**2
-        self.s_embedder = PatchEmbed(p, cfg.in_channels, D)
-        self.t_embedder = TimeTokens(D, cfg.cond_arch.num_t_tokens)
-        if cfg.condition_type == "label":
-            self.ctx_embedder: nn.Module = LabelTokens(D, cfg.cond_arch.num_c_tokens, cfg.num_classes)
-        else:
-            self.ctx_embedder = TextTokens(D, cfg.context_dim)  # type: ignore[arg-type]
+        self.build_stem(
+            dim=D, patch=p, in_channels=cfg.in_channels, cond_arch=cfg.cond_arch,
+            condition_type=cfg.condition_type, num_classes=cfg.num_classes, context_dim=cfg.context_dim,
+            enable_reg=cfg.enable_reg, z_dim=cfg.z_dim, is_meanflow=cfg.is_meanflow,
+        )  # fmt: skip
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(D, p * p * cfg.in_channels)
-        n_after = cfg.cond_arch.num_t_tokens + cfg.cond_arch.num_c_tokens
-        self.rope = Rope2D(self.grid, D // cfg.num_heads, n_before=0, n_after=n_after)
+        if cfg.enable_repa:
+            self.repa_projector = nn.Linear(D, cfg.z_dim)  # type: ignore[arg-type]
+        self.final_layer = FinalLayer(D, p * p * cfg.in_channels, cfg.z_dim if cfg.enable_reg else None)
+        self.rope = Rope2D(self.grid, D // cfg.num_heads, n_before=self.n_before, n_after=self.n_after)
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor, cond_mask: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W) noisy input; t: (B,) in [0, 1] (1 = noise); cond: labels (B,) or text states
-        (B, L, context_dim); cond_mask: (B, L) bool text mask (True = real token), None when unpadded."""
-        s = self.s_embedder(x)  # (B, N, D)
-        t_tok, _ = self.t_embedder(t)  # (B, n_t, D)
-        c_tok = self.ctx_embedder(cond)  # (B, n_c, D)
-        mask = None
-        if cond_mask is not None:  # key mask over [patches | time | condition]; patches and time always visible
-            keep = torch.ones(s.shape[0], s.shape[1] + t_tok.shape[1], dtype=torch.bool, device=s.device)
-            mask = torch.cat([keep, cond_mask.to(torch.bool)], dim=1)
-        s = torch.cat([s, t_tok.to(s.dtype), c_tok.to(s.dtype)], dim=1)
-        for block in self.blocks:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: Tensor,
+        cond_mask: Tensor | None = None,
+        *,
+        cls_t: Tensor | None = None,
+        t_abs: Tensor | None = None,
+        return_repa: bool = False,
+    ) -> Tensor | DiTOutput:
+        """Same signature and outputs as ``DDT.forward``: x (B, C, H, W); t (B,) in [0, 1] (1 = noise); cond labels
+        (B,) or text states (B, L, context_dim); cond_mask (B, L) bool or None; cls_t (REG); t_abs (MeanFlow)."""
+        s0 = self.n_before
+        n = s0 + self.num_patches
+        s, mask, _ = self.embed(x, t, cond, cond_mask, cls_t, t_abs)
+        z = None
+        for i, block in enumerate(self.blocks):
             s = block(s, self.rope, mask)
-        out = self.final_layer(s[:, : self.num_patches])
-        return unpatchify(out, self.cfg.patch_size, self.cfg.in_channels)
+            if return_repa and i + 1 == self.cfg.repa_layer_depth:
+                z = self.repa_projector(s[:, :n])
+        out, cls = self.final_layer(s[:, :n], s0)
+        img = unpatchify(out, self.cfg.patch_size, self.cfg.in_channels)
+        if self.cfg.enable_reg or return_repa:
+            return DiTOutput(img, cls, z)
+        return img
 
 
 # ----------------------------------------------------------------------------------------------------------
