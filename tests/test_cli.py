@@ -8,7 +8,10 @@ import pytest
 from conftest import ROOT, TINY
 from nanogen.cli import main
 
-SUBCOMMANDS = ["demo", "train", "sample", "eval", "model-info", "prepare", "train-stage1", "eval-stage1", "configs"]
+SUBCOMMANDS = [
+    "demo", "train", "sample", "eval", "model-info", "convert-checkpoint", "benchmark", "prepare", "train-stage1",
+    "eval-stage1", "configs",
+]  # fmt: skip
 
 
 def run(*args, **kw):
@@ -76,7 +79,8 @@ def test_model_info_json(capsys):
 
     assert main(["model-info", "-c", TINY, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["params"] > 0 and info["token_layout"]["sequence_length"] == 16 + 2 + 2
+    assert info["params"] > 0 and info["token_layout"]["blocks"]["sequence_length"] == 16 + 2 + 2
+    assert info["gflops"] > 0
 
 
 def test_sample_and_eval_from_a_trained_checkpoint(capsys, tmp_path):

@@ -101,7 +101,7 @@ def test_model_params_are_checked():
     with pytest.raises(ConfigError, match="unknown name 'LightningDIT'; did you mean 'LightningDiT'"):
         load_config(DEMO, ["stage_2.target=LightningDIT"])
     with pytest.raises(ConfigError, match="not available in this nanogen release yet"):
-        load_config(DEMO, ["stage_2.target=stage2.models.DDT.DiTwDDTHead"])
+        load_config(DEMO, ["stage_2.target=stage2.models.DDT.DiTwDDTHeadIG"])
 
 
 def test_reference_alias_resolves():

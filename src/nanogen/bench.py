@@ -10,12 +10,15 @@ always builds one, §8.1), and ``torch.compile`` captures the forward in one gra
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.benchmark import Timer
+
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" notice on CPU machines
+from torch.utils.benchmark import Timer  # noqa: E402
 
 from nanogen.build import build_network
 from nanogen.config import Stage2Config
@@ -85,9 +88,6 @@ def cpu_name() -> str:
 
 
 def graph_breaks(net: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    import logging
-
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" noise on CPU
     import torch._dynamo
 
     torch._dynamo.reset()

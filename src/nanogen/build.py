@@ -110,6 +110,7 @@ def check_runnable(cfg: Stage2Config) -> None:
     """Fail before any work if some part of the config is not buildable (so no training time is lost)."""
     from nanogen.eval.evaluate import check_metrics
 
+    registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")  # planned tokenizers: "not available yet"
     build_conditioner(cfg)
     build_objective(cfg, nn.Identity())
     if cfg.dataset.type != "builtin":

@@ -72,6 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         print(dump_yaml(cfg), end="")
         return 0
+    from nanogen.build import check_runnable
+
+    check_runnable(cfg)  # say what is not available before printing a page of config
     _print_config(cfg)
     res = train(cfg)
     _summary(res)
@@ -171,6 +174,8 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     import json
 
+    if args.batch_size < 1 or args.min_time <= 0:
+        raise ArgumentError(f"--batch-size must be >= 1 and --min-time > 0, got {args.batch_size} and {args.min_time}")
     from nanogen.bench import render, run_benchmark
 
     cfg = _load(args)
@@ -221,8 +226,20 @@ def cmd_configs(args: argparse.Namespace) -> int:
     from nanogen.config import builtin_configs_dir
 
     root = builtin_configs_dir()
+    groups: dict[str, list[str]] = {}
     for p in sorted(root.rglob("*.yaml")):
-        print(p.relative_to(root.parent))
+        rel = p.relative_to(root)
+        if "components" in rel.parts:  # shared pieces, not runnable alone
+            continue
+        if args.filter and not all(f in str(rel) for f in args.filter):
+            continue
+        groups.setdefault(str(rel.parent), []).append(rel.name)
+    for group, names in groups.items():
+        print(f"configs/{group}/  ({len(names)})")
+        for n in names:
+            print(f"  {n}")
+    if not groups:
+        print("no built-in config matches " + " ".join(args.filter))
     return 0
 
 
@@ -335,7 +352,10 @@ def make_parser() -> Parser:
     _config_args(p, required=False)
     p = add("eval-stage1", not_yet("eval-stage1 (reconstruction metrics)", "the stage-1 issue"), "evaluate a stage-1 tokenizer (not available yet)")
     _config_args(p, required=False)
-    add("configs", cmd_configs, "list the built-in configs")
+    p = add("configs", cmd_configs, "list the built-in configs, by folder",
+            "Lists the built-in configs (the reference's zoo under the same names, plus the nano tier).\n\n"
+            "examples:\n  nanogen configs\n  nanogen configs imagenet rae     only paths containing every word")
+    p.add_argument("filter", nargs="*", metavar="WORD", help="only paths containing every WORD")
     return parser
 
 
