@@ -253,3 +253,15 @@ def test_dataclass_roundtrip_accepts_single_numbers():
     cfg = DDTConfig(patch_size=2, hidden_size=64, depth=3, num_heads=4)
     assert cfg.patch_size == [2, 2] and cfg.hidden_size == [64, 64] and cfg.depth == [3, 3]
     assert dataclasses.asdict(cfg)["num_heads"] == [4, 4]
+
+
+def test_extra_inputs_are_required_and_checked():
+    reg = DDT(nanogen_config(VARIANTS["reg"]))
+    x, t, cond, mask, kw = inputs(VARIANTS["reg"])
+    with pytest.raises(ValueError, match="cls_t"):
+        reg(x, t, cond)
+    with pytest.raises(ValueError, match="enable_repa"):
+        reg(x, t, cond, **kw, return_repa=True)
+    mf = DDT(nanogen_config(VARIANTS["meanflow"]))
+    with pytest.raises(ValueError, match="t_abs"):
+        mf(x, t, cond)

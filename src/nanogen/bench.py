@@ -17,12 +17,18 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # its "no CUDA runtime" notice on CPU machines
-from torch.utils.benchmark import Timer  # noqa: E402
-
 from nanogen.build import build_network
 from nanogen.config import Stage2Config
 from nanogen.config.loader import build
+
+
+def _timer(stmt: str, globals: dict[str, Any]):
+    # torch.utils.benchmark imports cpp_extension, which logs a "no CUDA runtime" notice on CPU machines
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.benchmark import Timer
+
+    return Timer(stmt, globals=globals)
+
 
 SDPA_OPS = {
     "_scaled_dot_product_attention_math",
@@ -88,6 +94,7 @@ def cpu_name() -> str:
 
 
 def graph_breaks(net: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -107,7 +114,7 @@ def matmul_gflops(
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    m = Timer("a @ b", globals={"a": a, "b": b}).blocked_autorange(min_run_time=min_time)
+    m = _timer("a @ b", {"a": a, "b": b}).blocked_autorange(min_run_time=min_time)
     return {"n": n, "seconds": m.median, "gflops_per_s": 2 * n**3 / m.median / 1e9}
 
 
@@ -151,7 +158,7 @@ def run_benchmark(
     step()  # warm-up (allocations, lazy init)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    m = Timer("step(); sync()", globals={"step": step, "sync": _sync(dev)}).blocked_autorange(
+    m = _timer("step(); sync()", {"step": step, "sync": _sync(dev)}).blocked_autorange(
         min_run_time=min_time
     )
     peak = matmul_gflops(dev, dtype, min_time)

@@ -171,12 +171,7 @@ class DDT(InContextStem):
         super().__init__()
         cfg.check()
         self.cfg = cfg
-        (p_s, p_x), (D_e, D_d), (L_e, L_d), (h_e, h_d) = (
-            cfg.patch_size,
-            cfg.hidden_size,
-            cfg.depth,
-            cfg.num_heads,
-        )
+        (p_s, p_x), (D_e, D_d), (L_e, L_d), (h_e, h_d) = cfg.patch_size, cfg.hidden_size, cfg.depth, cfg.num_heads  # fmt: skip
         self.grid = cfg.grid
         self.num_patches = self.grid**2
         self.build_stem(
@@ -222,6 +217,8 @@ class DDT(InContextStem):
         L_e = cfg.depth[0]
         s0 = self.n_before
         n = s0 + self.num_patches  # REG token + patches: the tokens the decoder continues
+        if return_repa and not cfg.enable_repa:
+            raise ValueError("return_repa needs a model built with enable_repa (repa.use_repa: true)")
         s, mask, e = self.embed(x, t, cond, cond_mask, cls_t, t_abs)
         z = None
         for i, block in enumerate(self.blocks[:L_e]):

@@ -140,6 +140,8 @@ class LightningDiT(InContextStem):
         (B,) or text states (B, L, context_dim); cond_mask (B, L) bool or None; cls_t (REG); t_abs (MeanFlow)."""
         s0 = self.n_before
         n = s0 + self.num_patches
+        if return_repa and not self.cfg.enable_repa:
+            raise ValueError("return_repa needs a model built with enable_repa (repa.use_repa: true)")
         s, mask, _ = self.embed(x, t, cond, cond_mask, cls_t, t_abs)
         z = None
         for i, block in enumerate(self.blocks):
