@@ -5,6 +5,8 @@ Every builder works offline on CPU at tiny sizes; pretrained weights are loaded 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -73,13 +75,39 @@ def load_network(cfg: Stage2Config, path: str | None, device: torch.device, pref
     return net.to(device).eval()
 
 
-def build_objective(cfg: Stage2Config, net: nn.Module) -> FlowObjective:
+@dataclass
+class Frozen:
+    """Frozen networks a training objective reads (never trained, never checkpointed): the REPA / REG target
+    encoder and the perceptual-loss networks."""
+
+    encoder: nn.Module | None = None
+    perceptual: nn.Module | None = None
+
+
+def load_frozen(cfg: Stage2Config) -> Frozen:
+    """Load the frozen networks the config's objective needs for training (by hub id, or a local path from
+    ``misc.weights.<name>`` / the ``NANOGEN_ENCODER_<NAME>`` env var)."""
+    from nanogen.encoders import build_encoder
+
+    frozen = Frozen()
+    if cfg.repa.use_repa or cfg.repa.use_reg:
+        name = cfg.repa.target_encoder
+        frozen.encoder = build_encoder(name, cfg.misc.weights.get(name), cfg.repa.target_encoder_resolution)
+    if cfg.perceptual_loss.encoders:
+        frozen.perceptual = build_perceptual_loss(cfg)
+    return frozen
+
+
+def build_perceptual_loss(cfg: Stage2Config) -> nn.Module:
+    raise NotAvailableError("perceptual_loss: perceptual losses are not available in this nanogen release yet")
+
+
+def build_objective(cfg: Stage2Config, net: nn.Module, frozen: Frozen | None = None) -> nn.Module:
+    """The objective wrapping ``net``. Without ``frozen`` it can sample but not compute REPA / REG /
+    perceptual losses (sampling and evaluation never need the frozen networks)."""
+    frozen = frozen or Frozen()
     if cfg.transport.meanflow is not None:
         raise NotAvailableError("transport.meanflow: MeanFlow is not available in this nanogen release yet")
-    if cfg.repa.use_repa or cfg.repa.use_reg:
-        raise NotAvailableError("repa: REPA / REG are not available in this nanogen release yet")
-    if cfg.perceptual_loss.encoders:
-        raise NotAvailableError("perceptual_loss: perceptual losses are not available in this nanogen release yet")
     return FlowObjective(
         net,
         prediction=cfg.transport.prediction,
@@ -87,6 +115,10 @@ def build_objective(cfg: Stage2Config, net: nn.Module) -> FlowObjective:
         shift=train_shift(cfg),
         t_eps=cfg.transport.t_eps,
         cfg_dropout_prob=cfg.conditioning.cfg_dropout_prob,
+        reg_coeff=cfg.repa.reg_coeff if cfg.repa.use_reg else 0.0,
+        repa_coeff=cfg.repa.repa_coeff if cfg.repa.use_repa else 0.0,
+        encoder=frozen.encoder,
+        perceptual=frozen.perceptual,
     )
 
 
@@ -108,11 +140,14 @@ def load_train_images(cfg: Stage2Config) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_runnable(cfg: Stage2Config) -> None:
     """Fail before any work if some part of the config is not buildable (so no training time is lost)."""
+    from nanogen.encoders.base import default_source
     from nanogen.eval.evaluate import check_metrics
 
     registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")  # planned tokenizers: "not available yet"
     build_conditioner(cfg)
     build_objective(cfg, nn.Identity())
+    if cfg.repa.use_repa or cfg.repa.use_reg:
+        default_source(cfg.repa.target_encoder)  # a known encoder name (loading happens in train)
     if cfg.dataset.type != "builtin":
         load_train_images(cfg)
     if cfg.eval is not None:

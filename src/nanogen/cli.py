@@ -115,7 +115,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     objective, tokenizer, cond = build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg)
     idx = list(range(len(labels) if labels is not None else args.num))
     label_t = torch.tensor(labels) if labels is not None else gen.balanced_labels(idx, cfg.misc.num_classes)
-    noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), args.seed, info.device)
+    noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), args.seed, info.device, gen.reg_dim(objective))
     settings = sampler_settings(cfg)
     imgs = gen.generate(objective, tokenizer, cond, label_t, noise, settings)
     try:

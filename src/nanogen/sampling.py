@@ -14,7 +14,24 @@ from torch import Tensor
 
 from nanogen.conditioning import Cond
 
-VelocityFn = Callable[[Tensor, float], Tensor]
+State = Tensor | tuple[Tensor, ...]  # one latent, or (latent, REG token) integrated jointly (§4.4)
+VelocityFn = Callable[[State, float], State]
+
+
+def _map(fn: Callable[..., Tensor], *states: State) -> State:
+    """Apply ``fn`` leaf-wise to states that are tensors or tuples of tensors."""
+    if isinstance(states[0], tuple):
+        return tuple(fn(*leaves) for leaves in zip(*states, strict=True))
+    return fn(*states)
+
+
+def _step(x: State, h: float, d: State) -> State:
+    """x - h d, leaf-wise."""
+    return _map(lambda a, b: a - h * b, x, d)
+
+
+def _batch(x: State) -> Tensor:
+    return x[0] if isinstance(x, tuple) else x
 
 
 def time_grid(num_steps: int, shift: float = 1.0) -> list[float]:
@@ -25,22 +42,27 @@ def time_grid(num_steps: int, shift: float = 1.0) -> list[float]:
     return [shift * tau / (1 + (shift - 1) * tau) for tau in taus]
 
 
-def euler(v: VelocityFn, x: Tensor, grid: list[float], progress: Callable[[], None] | None = None) -> Tensor:
+def euler(v: VelocityFn, x: State, grid: list[float], progress: Callable[[], None] | None = None) -> State:
     """x <- x - (t_i - t_{i+1}) v(x, t_i); the reference's only solver."""
     for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
-        x = x - (t_cur - t_next) * v(x, t_cur)
+        h = t_cur - t_next
+        x = _step(x, h, v(x, t_cur))
         if progress is not None:
             progress()
     return x
 
 
-def heun(v: VelocityFn, x: Tensor, grid: list[float], progress: Callable[[], None] | None = None) -> Tensor:
+def heun(v: VelocityFn, x: State, grid: list[float], progress: Callable[[], None] | None = None) -> State:
     """Second-order Heun (trapezoid) steps; the last step (to t = 0) is plain Euler, as in EDM / JiT."""
     for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
         h = t_cur - t_next
         d_cur = v(x, t_cur)
-        x_euler = x - h * d_cur
-        x = x_euler if t_next == 0 else x - h * 0.5 * (d_cur + v(x_euler, t_next))
+        x_euler = _step(x, h, d_cur)
+        if t_next == 0:
+            x = x_euler
+        else:
+            d_next = v(x_euler, t_next)
+            x = _step(x, h, _map(lambda d1, d2: 0.5 * (d1 + d2), d_cur, d_next))
         if progress is not None:
             progress()
     return x
@@ -49,17 +71,18 @@ def heun(v: VelocityFn, x: Tensor, grid: list[float], progress: Callable[[], Non
 SOLVERS = {"euler": euler, "heun": heun}
 
 
-def conditional(velocity: Callable[[Tensor, Tensor, Cond], Tensor], cond: Cond) -> VelocityFn:
+def conditional(velocity: Callable[[State, Tensor, Cond], State], cond: Cond) -> VelocityFn:
     """Bind a condition: v(x, t_float) -> velocity(x, t_batch, cond)."""
 
-    def fn(x: Tensor, t: float) -> Tensor:
-        return velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32), cond)
+    def fn(x: State, t: float) -> State:
+        b = _batch(x)
+        return velocity(x, torch.full((b.shape[0],), t, device=b.device, dtype=torch.float32), cond)
 
     return fn
 
 
 def classifier_free(
-    velocity: Callable[[Tensor, Tensor, Cond], Tensor],
+    velocity: Callable[[State, Tensor, Cond], State],
     cond: Cond,
     null: Cond,
     scale: float,
@@ -69,29 +92,31 @@ def classifier_free(
     """CFG with an interval (§5.2): o = o_u + w (o_c - o_u) for t in [t_min, t_max], else o_c.
 
     Applied to the velocity, which is linear in the raw output, so it equals guiding the raw v or x output.
-    Outside the interval only the conditional half is run. Both halves share the same noise x.
+    Outside the interval only the conditional half is run (the reference runs both and discards one; §8.3 of
+    performance.md). Both halves share the same noise x. A REG token is guided like the image (§5.2).
+    The interval test is on the host-side float t, so it costs no device sync.
     """
     if scale == 1.0:
         return conditional(velocity, cond)
     both = cond.cat(null)
 
-    def fn(x: Tensor, t: float) -> Tensor:
-        tb = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+    def fn(x: State, t: float) -> State:
+        b = _batch(x)
+        tb = torch.full((b.shape[0],), t, device=b.device, dtype=torch.float32)
         if not (t_min <= t <= t_max):
             return velocity(x, tb, cond)
-        out = velocity(torch.cat([x, x]), torch.cat([tb, tb]), both)
-        o_c, o_u = out.chunk(2)
-        return o_u + scale * (o_c - o_u)
+        out = velocity(_map(lambda a: torch.cat([a, a]), x), torch.cat([tb, tb]), both)
+        return _map(lambda o: (lambda c, u: u + scale * (c - u))(*o.chunk(2)), out)
 
     return fn
 
 
 def sample(
     v: VelocityFn,
-    noise: Tensor,
+    noise: State,
     num_steps: int,
     shift: float = 1.0,
     solver: str = "euler",
     progress: Callable[[], None] | None = None,
-) -> Tensor:
+) -> State:
     return SOLVERS[solver](v, noise, time_grid(num_steps, shift), progress)

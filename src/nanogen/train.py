@@ -33,6 +33,7 @@ from nanogen.build import (
     build_objective,
     build_tokenizer,
     check_runnable,
+    load_frozen,
     load_train_images,
     sampler_settings,
 )
@@ -90,7 +91,7 @@ def sample_grid(cfg: Stage2Config, objective, tokenizer, conditioner, device: to
     rows = min(cfg.misc.num_classes, 10)
     idx = list(range(rows * per_class))
     labels = torch.tensor([i // per_class for i in idx])
-    noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), seed=1234, device=device)
+    noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), 1234, device, gen.reg_dim(objective))
     return gen.generate(objective, tokenizer, conditioner, labels, noise, sampler_settings(cfg))
 
 
@@ -124,7 +125,7 @@ def train(cfg: Stage2Config) -> TrainResult:
     conditioner = build_conditioner(cfg)
     net = build_network(cfg).to(info.device)
     parallel.broadcast_module(net)
-    objective = build_objective(cfg, net).to(info.device)
+    objective = build_objective(cfg, net, load_frozen(cfg)).to(info.device)
     ema = EMA(net, tc.ema_decay)
     ema_objective = build_objective(cfg, ema.model)  # sampling / eval use the EMA weights
     opt = build_optimizer(net, tc.optimizer, info.device)
@@ -211,7 +212,7 @@ def train(cfg: Stage2Config) -> TrainResult:
                 with ctx, torch.autocast(**autocast):
                     with torch.no_grad():
                         z = tokenizer.encode(x)
-                    out = wrapped(z, conditioner(y), null)
+                    out = wrapped(z, conditioner(y), null, images=x)
                     loss = out["loss"] / tc.grad_accum_steps
                 loss.backward()
                 loss_sum += loss.detach()

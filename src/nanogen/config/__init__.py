@@ -78,6 +78,30 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
                 f"repa.z_dim: unknown width for target encoder '{cfg.repa.target_encoder}'; set repa.z_dim to its embedding size"
             )
         cfg.repa.z_dim = width
+    for where, g in (("guidance.cfg", cfg.guidance.cfg), ("guidance.ig", cfg.guidance.ig)):
+        if not 0.0 <= g.t_min <= g.t_max <= 1.0:
+            raise ConfigError(
+                f"{where}: the guidance interval [t_min, t_max] = [{g.t_min}, {g.t_max}] must satisfy "
+                f"0 <= t_min <= t_max <= 1 (t = 1 is noise)"
+            )
+    from nanogen.objectives.flow import LogitNormal
+
+    LogitNormal.parse(cfg.transport.time_dist_type)  # a clear error for unknown time distributions, at load time
+    if cfg.perceptual_loss.encoders:
+        names = [n.strip() for n in cfg.perceptual_loss.encoders.split(",")]
+        weights = cfg.perceptual_loss.percep_loss_weights
+        if len(names) != len(weights):
+            raise ConfigError(
+                f"perceptual_loss.percep_loss_weights: {len(weights)} weights for {len(names)} encoders "
+                f"({cfg.perceptual_loss.encoders}); give one weight per encoder, in the same order"
+            )
+        if cfg.transport.meanflow is None and cfg.transport.prediction != "x":
+            raise ConfigError(
+                "perceptual_loss: the perceptual losses read the predicted clean image, so they need "
+                "transport.prediction: x (got velocity); switch to x-prediction or drop perceptual_loss.encoders"
+            )
+        if not 0 < cfg.transport.percep_loss_t_thresh <= 1:
+            raise ConfigError(f"transport.percep_loss_t_thresh: must be in (0, 1], got {cfg.transport.percep_loss_t_thresh}")
     if cfg.training.grad_accum_steps < 1:
         raise ConfigError(f"training.grad_accum_steps: must be >= 1, got {cfg.training.grad_accum_steps}")
     if len(cfg.misc.latent_size) != 3:

@@ -33,6 +33,7 @@ class MiscConfig:
     time_dist_shift_dim: int | None = None  # D in the resolution shift s = sqrt(D / base); None = prod(latent_size)
     time_dist_shift_base: int = 4096  # base of the training-time shift
     time_dist_shift_base_eval: int | None = None  # base of the sampling-time shift; None = same as training
+    weights: dict[str, str] = field(default_factory=dict)  # frozen networks by name -> local path or hub id, e.g. {dinov2-vit-b: /models/dinov2}
 
 
 @dataclass

@@ -127,7 +127,7 @@ def evaluate(
         with progress(steps, f"sampling {name}{tag}", unit="step", leave=False) as bar:
             for i in range(0, len(mine), ds.batch_size):
                 idx = mine[i : i + ds.batch_size]
-                noise = gen.per_sample_noise(idx, latent_shape, seed, info.device)
+                noise = gen.per_sample_noise(idx, latent_shape, seed, info.device, gen.reg_dim(objective))
                 labels = gen.balanced_labels(idx, cfg.misc.num_classes)
                 images = gen.generate(
                     objective, tokenizer, conditioner, labels, noise, settings,

@@ -29,12 +29,24 @@ class SamplerSettings:
     solver: str = "euler"
 
 
-def per_sample_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
+def per_sample_noise(
+    indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device, cls_dim: int | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Starting noise of samples ``indices``, each from its own generator; with ``cls_dim`` (REG models) also
+    the REG token's noise, drawn from the same per-sample generator right after the latent's."""
     out = torch.empty(len(indices), *shape)
+    cls = torch.empty(len(indices), cls_dim or 0)
     for j, i in enumerate(indices):
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         out[j] = torch.randn(shape, generator=g)
-    return out.to(device)
+        if cls_dim:
+            cls[j] = torch.randn(cls_dim, generator=g)
+    return (out.to(device), cls.to(device)) if cls_dim else out.to(device)
+
+
+def reg_dim(objective: nn.Module) -> int | None:
+    """The REG token width of an objective's network, or None without REG."""
+    return objective.net.cfg.z_dim if getattr(objective, "reg", False) else None
 
 
 def balanced_labels(indices: list[int], num_classes: int) -> Tensor:
@@ -47,18 +59,20 @@ def generate(
     tokenizer: nn.Module,
     conditioner: LabelConditioner,
     labels: Tensor,
-    noise: Tensor,
+    noise: Tensor | tuple[Tensor, Tensor],
     settings: SamplerSettings,
     *,
     autocast_dtype: torch.dtype | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> Tensor:
-    """Images in [-1, 1] for the given labels and starting noise (B, C, H, W)."""
-    device = noise.device
+    """Images in [-1, 1] for the given labels and starting noise (B, C, H, W) (REG: plus the token's noise)."""
+    device = (noise[0] if isinstance(noise, tuple) else noise).device
     cond: Cond = conditioner(labels.to(device))
     null = conditioner.null(len(labels), device)
     s = settings
     v = sampling.classifier_free(objective.velocity, cond, null, s.cfg_scale, *s.cfg_interval)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         z = sampling.sample(v, noise, s.num_steps, s.shift, s.solver, on_step)
+    if isinstance(z, tuple):  # REG: the token was only a companion of the image
+        z = z[0]
     return tokenizer.decode(z.float())
