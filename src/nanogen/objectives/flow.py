@@ -102,7 +102,8 @@ class FlowObjective(nn.Module):
         self.shift = shift
         self.t_eps = t_eps
         self.cfg_dropout_prob = cfg_dropout_prob
-        self.reg = bool(reg_coeff)
+        # a REG network integrates (latent, token) pairs even when only sampling (reg_coeff then unused)
+        self.reg = bool(reg_coeff) or bool(getattr(getattr(net, "cfg", None), "enable_reg", False))
         self.reg_coeff = reg_coeff
         self.repa_coeff = repa_coeff
         self.encoder = encoder

@@ -59,6 +59,11 @@ def _per_sample(t: Tensor, like: Tensor) -> Tensor:
     return t.view(-1, *([1] * (like.ndim - 1)))
 
 
+def _wide(a: Tensor) -> Tensor:
+    """At least float32 (bf16 network outputs are summed over C*H*W elements), float64 stays float64."""
+    return a.to(torch.promote_types(a.dtype, torch.float32))
+
+
 def adaptive_weighted_mean(per_sample: Tensor, norm_p: float, norm_eps: float) -> Tensor:
     """mean_i L_i / (sg(L_i) + eps)^p (§4.6). With p = 1 every sample contributes ~1 to the value and its gradient
     is the gradient of L_i scaled by 1/(L_i + eps): a robust (log-like) loss that keeps large-error samples from
@@ -176,7 +181,7 @@ class MeanFlowObjective(nn.Module):
             return self.average_velocity(z, t_, r_, cond)
 
         with sdpa_kernel(SDPBackend.MATH):
-            return torch.func.jvp(u_fn, (z_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
+            return torch.func.jvp(u_fn, (z_t, t, r), (v, torch.ones_like(t), torch.ones_like(r)))
 
     @property
     def guidance_on(self) -> bool:
@@ -226,14 +231,14 @@ class MeanFlowObjective(nn.Module):
         v_g = self.guided_velocity(x_t, t, v, cond, null, drop).detach()
         if r is None:
             u = self.average_velocity(x_t, t, t, cond)  # h = 0: instantaneous velocity
-            pred = u.float()
+            pred = _wide(u)
             dudt_norm = torch.zeros((), device=x.device)
         else:
             u, dudt = self.average_velocity_jvp(x_t, t, r, v_g, cond)
-            dudt = dudt.detach().float()
-            pred = u.float() + _per_sample(t - r, x).float() * dudt
+            dudt = _wide(dudt.detach())
+            pred = _wide(u) + _wide(_per_sample(t - r, x)) * dudt
             dudt_norm = dudt.flatten(1).norm(dim=1).mean()
-        per_sample = (pred - v_g.float()).pow(2).flatten(1).sum(dim=1)
+        per_sample = (pred - _wide(v_g)).pow(2).flatten(1).sum(dim=1)
         loss = adaptive_weighted_mean(per_sample, self.norm_p, self.norm_eps)
         return {
             "loss": loss,
@@ -246,7 +251,7 @@ class MeanFlowObjective(nn.Module):
         """x: clean latents (B, C, H, W); cond: the batch's conditions; null: the null condition (batch 1 or B)."""
         B = x.shape[0]
         mf = self.next_branch_is_mf()  # host-side Python draw: no device sync, identical on all ranks
-        # float64 inputs (tests) keep float64 times; anything narrower uses float32 times, as FlowObjective does
+        # float64 inputs keep float64 times; anything narrower uses float32 times, as FlowObjective does
         tdtype = torch.promote_types(x.dtype, torch.float32)
         if mf:
             t, r = self.sample_t_r(B, x.device)
