@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """At least fp32 for the sensitive reductions (bf16/fp16 -> fp32), never a downcast (fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in fp32 and cast back (§3.1). No bias."""
 
@@ -23,7 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = _upcast(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight
 
@@ -83,7 +88,7 @@ def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), as x * cos + swap(x) * sin
     with swap(x0, x1) = (x1, x0) and the signed tables of ``rope_tables``. x: (B, H, L, d)."""
-    xf = x.float()
+    xf = _upcast(x)
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return (xf * cos + swapped * sin).to(x.dtype)
 
@@ -159,7 +164,7 @@ class TimeTokens(nn.Module):
         nn.init.normal_(self.mlp[2].weight, std=0.02)
 
     def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        proj = 2 * math.pi * t.float()[:, None] * self.W[None, :]
+        proj = 2 * math.pi * _upcast(t)[:, None] * self.W[None, :]
         e = self.mlp(torch.cat([proj.sin(), proj.cos()], dim=-1).to(self.mlp[0].weight.dtype))[:, None]
         return self.learnable_tokens[None] + e, e
 

@@ -108,7 +108,9 @@ class MeanFlowObjective(nn.Module):
         if not 0.0 <= fm_ratio <= 1.0:
             raise ConfigError(f"transport.meanflow.fm_ratio must be in [0, 1], got {fm_ratio}")
         if norm_eps <= 0 and norm_p != 0:
-            raise ConfigError(f"transport.meanflow.norm_eps must be > 0 (it bounds the weight 1/L^p), got {norm_eps}")
+            raise ConfigError(
+                f"transport.meanflow.norm_eps must be > 0 (it bounds the weight 1/L^p), got {norm_eps}"
+            )
         self.net = net
         self.prediction = prediction
         self.time_dist = time_dist
@@ -181,14 +183,16 @@ class MeanFlowObjective(nn.Module):
             return self.average_velocity(z, t_, r_, cond)
 
         with sdpa_kernel(SDPBackend.MATH):
-            return torch.func.jvp(u_fn, (z_t, t, r), (v, torch.ones_like(t), torch.ones_like(r)))
+            return torch.func.jvp(u_fn, (z_t, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
 
     @property
     def guidance_on(self) -> bool:
         return not (self.cfg_omega == 1.0 and self.cfg_kappa == 0.0)
 
     @torch.no_grad()
-    def guided_velocity(self, x_t: Tensor, t: Tensor, v: Tensor, cond: Cond, null: Cond, drop: Tensor) -> Tensor:
+    def guided_velocity(
+        self, x_t: Tensor, t: Tensor, v: Tensor, cond: Cond, null: Cond, drop: Tensor
+    ) -> Tensor:
         """The guided target v_g (§4.6); ``cond`` is the (possibly dropped) batch condition, ``drop`` (B,) bool.
 
         v_g = omega v + (1 - omega - kappa) u_null + kappa u_c, with u at h = 0 (t_abs = t); for kappa = 0 this is
@@ -206,9 +210,13 @@ class MeanFlowObjective(nn.Module):
         else:
             # One doubled forward instead of two: same math, one launch sequence.
             both = cond.cat(null_b)
-            u = self.net(torch.cat([x_t, x_t]), torch.cat([zero, zero]), both.value, both.mask, t_abs=torch.cat([t, t]))
+            u = self.net(
+                torch.cat([x_t, x_t]), torch.cat([zero, zero]), both.value, both.mask, t_abs=torch.cat([t, t])
+            )
             u_c, u_null = u.to(v.dtype).chunk(2)
-            guided = self.cfg_omega * v + (1 - self.cfg_omega - self.cfg_kappa) * u_null + self.cfg_kappa * u_c
+            guided = (
+                self.cfg_omega * v + (1 - self.cfg_omega - self.cfg_kappa) * u_null + self.cfg_kappa * u_c
+            )
         apply = (t >= self.cfg_t_start) & (t <= self.cfg_t_end) & ~drop
         return torch.where(_per_sample(apply, v), guided, v)
 
