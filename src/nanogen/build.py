@@ -99,15 +99,46 @@ def load_frozen(cfg: Stage2Config) -> Frozen:
 
 
 def build_perceptual_loss(cfg: Stage2Config) -> nn.Module:
-    raise NotAvailableError("perceptual_loss: perceptual losses are not available in this nanogen release yet")
+    """PixelGen's LPIPS + encoder patch-feature losses (§4.7). Frozen weights come from ``misc.weights``:
+    ``lpips`` (a directory with vgg16-397923af.pth and vgg.pth, or the LPIPS lin file) and ``lpips-vgg`` (the
+    torchvision VGG16 file), else the ``NANOGEN_LPIPS_*`` env vars / local caches; encoders by name."""
+    from nanogen.encoders import build_encoder
+    from nanogen.models.lpips import load_lpips
+    from nanogen.objectives.perceptual import build_perceptual
+
+    w = cfg.misc.weights
+    loss = build_perceptual(
+        cfg.perceptual_loss.encoders,
+        cfg.perceptual_loss.percep_loss_weights,
+        cfg.transport.percep_loss_t_thresh,
+        encoder_factory=lambda name: build_encoder(name, w.get(name), cfg.training.image_size),
+        lpips_factory=lambda: load_lpips(w.get("lpips-vgg", w.get("lpips")), w.get("lpips")),
+        skip_gated=False,  # the literal masked full-batch form: no host sync per step, compile-friendly
+    )
+    assert loss is not None  # only called when perceptual_loss.encoders is set
+    return loss
 
 
 def build_objective(cfg: Stage2Config, net: nn.Module, frozen: Frozen | None = None) -> nn.Module:
     """The objective wrapping ``net``. Without ``frozen`` it can sample but not compute REPA / REG /
     perceptual losses (sampling and evaluation never need the frozen networks)."""
     frozen = frozen or Frozen()
-    if cfg.transport.meanflow is not None:
-        raise NotAvailableError("transport.meanflow: MeanFlow is not available in this nanogen release yet")
+    mf = cfg.transport.meanflow
+    if mf is not None:
+        from nanogen.objectives.meanflow import MeanFlowObjective
+
+        if cfg.perceptual_loss.encoders:
+            raise NotAvailableError("perceptual_loss: perceptual losses with MeanFlow are not available yet")
+        return MeanFlowObjective(
+            net,
+            prediction=cfg.transport.prediction,
+            time_dist=LogitNormal.parse(cfg.transport.time_dist_type),
+            shift=train_shift(cfg),
+            cfg_dropout_prob=cfg.conditioning.cfg_dropout_prob,
+            fm_ratio=mf.fm_ratio, norm_p=mf.norm_p, norm_eps=mf.norm_eps, cfg_omega=mf.cfg_omega,
+            cfg_kappa=mf.cfg_kappa, cfg_t_start=mf.cfg_t_start, cfg_t_end=mf.cfg_t_end,
+            seed=42,  # the reference's fixed branch seed, identical on all ranks
+        )  # fmt: skip
     return FlowObjective(
         net,
         prediction=cfg.transport.prediction,
@@ -148,6 +179,12 @@ def check_runnable(cfg: Stage2Config) -> None:
     build_objective(cfg, nn.Identity())
     if cfg.repa.use_repa or cfg.repa.use_reg:
         default_source(cfg.repa.target_encoder)  # a known encoder name (loading happens in train)
+    if cfg.perceptual_loss.encoders:
+        from nanogen.objectives.perceptual import parse_perceptual
+
+        for name, _ in parse_perceptual(cfg.perceptual_loss.encoders, cfg.perceptual_loss.percep_loss_weights):
+            if name != "lpips":
+                default_source(name)
     if cfg.dataset.type != "builtin":
         load_train_images(cfg)
     if cfg.eval is not None:

@@ -142,6 +142,8 @@ def train(cfg: Stage2Config) -> TrainResult:
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
+        if state.get("objective") is not None:
+            objective.set_extra_state(state["objective"])  # e.g. MeanFlow's FM/MF branch schedule
         step = int(state["step"])
         print0(f"resumed from {existing} at step {step}")
     if info.is_main:
@@ -165,6 +167,7 @@ def train(cfg: Stage2Config) -> TrainResult:
                 "step": step, "epoch": step // steps_per_epoch, "model": net.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
                 "loader": loader.state_dict(), "rng": ckpt.rng_state(), "config": dump_yaml(cfg),
+                "objective": _extra_state(objective),
             }
             ckpt.save(run_dir / "checkpoints" / f"step-{step:07d}.pt", payload)
             ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
@@ -215,7 +218,8 @@ def train(cfg: Stage2Config) -> TrainResult:
                     out = wrapped(z, conditioner(y), null, images=x)
                     loss = out["loss"] / tc.grad_accum_steps
                 loss.backward()
-                loss_sum += loss.detach()
+                # what the log shows: the loss itself, unless the objective names a more telling one
+                loss_sum += out.get("report_loss", out["loss"]).detach() / tc.grad_accum_steps
             if tc.clip_grad:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad)
             opt.step()
@@ -276,6 +280,13 @@ def train(cfg: Stage2Config) -> TrainResult:
     if cfg.eval is not None and cfg.eval.datasets:
         run_eval("")
     return result
+
+
+def _extra_state(objective: torch.nn.Module) -> Any:
+    """The objective's own resumable state (MeanFlow's branch schedule), if its class defines one."""
+    if type(objective).get_extra_state is torch.nn.Module.get_extra_state:
+        return None
+    return objective.get_extra_state()
 
 
 def _micro_batch(cfg: Stage2Config, world: int) -> int:

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from nanogen import sampling
 from nanogen.conditioning import Cond, LabelConditioner
-from nanogen.objectives.flow import FlowObjective
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def balanced_labels(indices: list[int], num_classes: int) -> Tensor:
 
 @torch.no_grad()
 def generate(
-    objective: FlowObjective,
+    objective: nn.Module,  # FlowObjective or MeanFlowObjective
     tokenizer: nn.Module,
     conditioner: LabelConditioner,
     labels: Tensor,
@@ -70,9 +69,14 @@ def generate(
     cond: Cond = conditioner(labels.to(device))
     null = conditioner.null(len(labels), device)
     s = settings
-    v = sampling.classifier_free(objective.velocity, cond, null, s.cfg_scale, *s.cfg_interval)
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        z = sampling.sample(v, noise, s.num_steps, s.shift, s.solver, on_step)
+        if hasattr(objective, "average_velocity"):  # MeanFlow: jumps along the average velocity, no guidance (§4.6)
+            from nanogen.objectives.meanflow import bind, meanflow_sample
+
+            z = meanflow_sample(bind(objective, cond), noise, s.num_steps, s.shift, on_step)
+        else:
+            v = sampling.classifier_free(objective.velocity, cond, null, s.cfg_scale, *s.cfg_interval)
+            z = sampling.sample(v, noise, s.num_steps, s.shift, s.solver, on_step)
     if isinstance(z, tuple):  # REG: the token was only a companion of the image
         z = z[0]
     return tokenizer.decode(z.float())

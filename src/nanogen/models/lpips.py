@@ -5,7 +5,8 @@
     d = lp(x_hat, x)                        # images (B, 3, H, W) in [-1, 1], H, W >= 16 -> (B,) distances
 
 Algorithm (per image pair):
-1. scaling layer: ``(x - shift) / scale`` per RGB channel, shift (-.030, -.088, -.188), scale (.458, .448, .450);
+1. scaling layer: ``(x - shift) / scale`` per RGB channel, shift (-.030, -.088, -.188), scale (.458, .448, .450)
+   (float32 buffers, as in the ``lpips`` package, so a float64 model matches it bit for bit too);
 2. VGG16 ``features`` (13 conv3x3 + ReLU, 4 max-pools); taps after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
    (``features`` indices 3, 8, 15, 22, 29; 64, 128, 256, 512, 512 channels);
 3. per tap: unit-normalise every feature vector over channels, ``f / (sqrt(sum_c f^2) + 1e-10)``, take the
@@ -50,7 +51,25 @@ SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10
 # torchvision's VGG16 configuration "D": conv widths, "M" = 2x2 max-pool. The last pool (features[30]) is not
 # needed: relu5_3 (features[29]) is the last tap.
-VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+VGG16_CFG: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+)
 TAP_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 CHANNELS = (64, 128, 256, 512, 512)
 MIN_SIZE = 16  # four 2x2 pools before relu5_3
@@ -125,7 +144,9 @@ class LPIPS(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS expects RGB images (B, 3, H, W), got shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < MIN_SIZE:
-            raise ValueError(f"LPIPS-VGG needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"LPIPS-VGG needs images of at least {MIN_SIZE}x{MIN_SIZE}, got {tuple(x.shape[-2:])}"
+            )
         h = (x.to(self.shift.dtype) - self.shift) / self.scale
         out = []
         for i, layer in enumerate(self.features):
@@ -136,7 +157,9 @@ class LPIPS(nn.Module):
 
     def forward(self, x0: Tensor, x1: Tensor) -> Tensor:
         if x0.shape != x1.shape:
-            raise ValueError(f"LPIPS: the two image batches differ in shape: {tuple(x0.shape)} vs {tuple(x1.shape)}")
+            raise ValueError(
+                f"LPIPS: the two image batches differ in shape: {tuple(x0.shape)} vs {tuple(x1.shape)}"
+            )
         total = None
         for f0, f1, lin in zip(self.tap_features(x0), self.tap_features(x1), self.lins, strict=True):
             d = (normalize_channels(f0) - normalize_channels(f1)).pow(2)
@@ -181,9 +204,13 @@ def _lin_state(sd: Mapping[str, Tensor], where: str) -> list[Tensor]:
             raise CheckpointError(f"{where}: not an LPIPS VGG lin state dict (no key '{key}')")
         w = sd[key]
         if tuple(w.shape) != (1, c, 1, 1):
-            raise CheckpointError(f"{where}: '{key}' has shape {tuple(w.shape)}, LPIPS-VGG needs {(1, c, 1, 1)}")
+            raise CheckpointError(
+                f"{where}: '{key}' has shape {tuple(w.shape)}, LPIPS-VGG needs {(1, c, 1, 1)}"
+            )
         if bool((w < 0).any()):
-            raise CheckpointError(f"{where}: '{key}' has negative weights; LPIPS lin weights are non-negative")
+            raise CheckpointError(
+                f"{where}: '{key}' has negative weights; LPIPS lin weights are non-negative"
+            )
         out.append(w.float())
     return out
 
@@ -195,7 +222,9 @@ def _read(path: Path, what: str) -> Mapping[str, Tensor]:
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{what} '{path}' is not a readable PyTorch state dict ({type(e).__name__})") from None
+        raise CheckpointError(
+            f"{what} '{path}' is not a readable PyTorch state dict ({type(e).__name__})"
+        ) from None
     if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
@@ -221,6 +250,8 @@ def find_vgg_weights(path: str | os.PathLike | None = None) -> Path:
     """The VGG16 backbone file: ``path`` (a file or a directory holding ``vgg16-397923af.pth``), else
     ``$NANOGEN_LPIPS_VGG``, else torch hub's ``checkpoints/vgg16-397923af.pth``."""
     how = f"download {VGG_URL} once and set {VGG_ENV}=/path/to/{VGG_FILE} (or pass the path to load_lpips)"
+    if path is not None and not os.fspath(path):  # an empty config value means: not given
+        path = None
     source = path if path is not None else os.environ.get(VGG_ENV) or None
     if source is not None:
         p = Path(source).expanduser()
@@ -243,6 +274,8 @@ def find_lin_weights(path: str | os.PathLike | None = None) -> Path:
         f"it ships in the 'lpips' pip package as lpips/weights/v0.1/{LIN_FILE}: install lpips, or set "
         f"{LIN_ENV}=/path/to/{LIN_FILE} (or pass the path to load_lpips)"
     )
+    if path is not None and not os.fspath(path):  # an empty config value means: not given
+        path = None
     source = path if path is not None else os.environ.get(LIN_ENV) or None
     if source is not None:
         p = Path(source).expanduser()
@@ -268,4 +301,8 @@ def load_lpips(
     lin_file = find_lin_weights(lin_path)
     vgg = _read(vgg_file, "VGG16 weights")
     lin = _read(lin_file, "LPIPS lin weights")
-    return LPIPS().load_weights(vgg, lin, f"VGG16 weights '{vgg_file}'", f"LPIPS lin weights '{lin_file}'").to(device)
+    return (
+        LPIPS()
+        .load_weights(vgg, lin, f"VGG16 weights '{vgg_file}'", f"LPIPS lin weights '{lin_file}'")
+        .to(device)
+    )

@@ -251,12 +251,15 @@ class MeanFlowObjective(nn.Module):
         return {
             "loss": loss,
             "orig_mf_loss": per_sample.detach().mean(),
+            # the adaptively weighted loss is ~1 by construction; progress shows in the unweighted one
+            "report_loss": per_sample.detach().mean(),
             "dudt_norm": dudt_norm.detach(),
             "branch": torch.full((), 0.0 if r is None else 1.0, device=x.device),
         }
 
-    def forward(self, x: Tensor, cond: Cond, null: Cond) -> dict[str, Tensor]:
-        """x: clean latents (B, C, H, W); cond: the batch's conditions; null: the null condition (batch 1 or B)."""
+    def forward(self, x: Tensor, cond: Cond, null: Cond, images: Tensor | None = None) -> dict[str, Tensor]:
+        """x: clean latents (B, C, H, W); cond: the batch's conditions; null: the null condition (batch 1 or B).
+        ``images`` is accepted for the trainer's uniform call and unused (MeanFlow reads no frozen encoder)."""
         B = x.shape[0]
         mf = self.next_branch_is_mf()  # host-side Python draw: no device sync, identical on all ranks
         # float64 inputs keep float64 times; anything narrower uses float32 times, as FlowObjective does

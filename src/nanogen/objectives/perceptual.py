@@ -34,12 +34,15 @@ LPIPS_NAME = "lpips"
 class PatchFeatureLoss(nn.Module):
     """Per-sample MSE between a frozen encoder's patch tokens of the prediction and of the target.
 
-    ``encoder(images in [-1, 1])`` must return an object with ``.patches`` (B, T, D). Gradients flow to
-    ``x_hat`` only; the target's features are computed under no_grad."""
+    ``encoder(images in [-1, 1])`` must return an object with ``.patches`` (B, T, D). The encoder is frozen
+    here (``requires_grad`` False, eval mode) if it was not already. Gradients flow to ``x_hat`` only; the
+    target's features are computed under no_grad."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        self.encoder = encoder
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder = encoder.eval()
 
     def forward(self, x_hat: Tensor, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -75,7 +78,11 @@ class PerceptualLoss(nn.Module):
     ):
         super().__init__()
         validate_terms([(name, w) for name, w, _ in terms])
-        if not isinstance(t_thresh, (int, float)) or isinstance(t_thresh, bool) or not math.isfinite(t_thresh):
+        if (
+            not isinstance(t_thresh, (int, float))
+            or isinstance(t_thresh, bool)
+            or not math.isfinite(t_thresh)
+        ):
             raise ConfigError(f"transport.percep_loss_t_thresh must be a finite number, got {t_thresh!r}")
         self.names = [name for name, _, _ in terms]
         self.weights = [float(w) for _, w, _ in terms]
@@ -91,7 +98,9 @@ class PerceptualLoss(nn.Module):
     def forward(self, x_hat: Tensor, x: Tensor, t: Tensor) -> dict[str, Tensor]:
         B = x_hat.shape[0]
         if x.shape != x_hat.shape:
-            raise ValueError(f"perceptual loss: x_hat {tuple(x_hat.shape)} and x {tuple(x.shape)} differ in shape")
+            raise ValueError(
+                f"perceptual loss: x_hat {tuple(x_hat.shape)} and x {tuple(x.shape)} differ in shape"
+            )
         t = t.reshape(-1)
         if t.numel() != B:
             raise ValueError(f"perceptual loss: t has {t.numel()} values for a batch of {B}")
@@ -119,12 +128,16 @@ def validate_terms(pairs: Sequence[tuple[str, float]]) -> list[tuple[str, float]
     out = []
     for name, w in pairs:
         if not isinstance(name, str) or not name.strip():
-            raise ConfigError("perceptual_loss.encoders: empty name in the list (write e.g. 'lpips,dinov2-vit-b')")
+            raise ConfigError(
+                "perceptual_loss.encoders: empty name in the list (write e.g. 'lpips,dinov2-vit-b')"
+            )
         if name in seen:
             raise ConfigError(f"perceptual_loss.encoders: '{name}' is listed twice")
         seen.add(name)
         if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise ConfigError(f"perceptual_loss.percep_loss_weights: the weight of '{name}' must be a number, got {w!r}")
+            raise ConfigError(
+                f"perceptual_loss.percep_loss_weights: the weight of '{name}' must be a number, got {w!r}"
+            )
         if not math.isfinite(w) or w < 0:
             raise ConfigError(
                 f"perceptual_loss.percep_loss_weights: the weight of '{name}' must be finite and >= 0, got {w}"
