@@ -140,7 +140,7 @@ class MeanflowConfig:
 class TransportConfig:
     prediction: Literal["velocity", "x"] = "velocity"  # what the network outputs
     time_dist_type: str = "logit-normal_0_1"  # "logit-normal_MU_SIGMA" in the data-at-0 convention
-    t_eps: float = 0.05  # floor of t in the (x_t - x) / t target (reference QUIRK, §4.2)
+    t_eps: float = 0.05  # floor of t in the (x_t - x) / t target and the x->v conversion (reference QUIRK, §4.2); 0 = textbook eps - x
     percep_loss_t_thresh: float = 0.7
     meanflow: MeanflowConfig | None = None
 
