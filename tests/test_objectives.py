@@ -286,3 +286,10 @@ def test_logit_normal_shift_is_a_logit_offset_in_distribution():
 def test_cond_for_text_masks_survives_reg_state():
     c = Cond(torch.randn(2, 3, 4), torch.tensor([[True, False, False], [True, True, True]]))
     assert c.cat(c).mask.shape == (4, 3)
+
+
+def test_perceptual_losses_need_pixel_space():
+    vae = "configs/stage2/training/imagenet/ddt-en28d1152hd72-dn2d2048hd128-sdvae-mse-vpred-t4c8.yaml"
+    with pytest.raises(ConfigError, match="need the pixel space"):
+        load_config(vae, ["perceptual_loss.encoders=lpips", "perceptual_loss.percep_loss_weights=[0.1]",
+                          "transport.prediction=x"])  # fmt: skip

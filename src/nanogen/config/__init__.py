@@ -100,6 +100,11 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
                 "perceptual_loss: the perceptual losses read the predicted clean image, so they need "
                 "transport.prediction: x (got velocity); switch to x-prediction or drop perceptual_loss.encoders"
             )
+        if registry.ALIASES.get(cfg.stage_1.target, cfg.stage_1.target) != "pixel":
+            raise ConfigError(
+                f"perceptual_loss: the perceptual losses compare predicted and real pixels, so they need the pixel "
+                f"space (stage_1.target: pixel), got '{cfg.stage_1.target}'"
+            )
         if not 0 < cfg.transport.percep_loss_t_thresh <= 1:
             raise ConfigError(f"transport.percep_loss_t_thresh: must be in (0, 1], got {cfg.transport.percep_loss_t_thresh}")
     if cfg.training.grad_accum_steps < 1:
