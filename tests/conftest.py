@@ -20,3 +20,15 @@ torch.set_num_threads(1)  # two xdist workers on two cores
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("NANOGEN_CACHE", str(tmp_path_factory.getbasetemp() / "nanogen-cache"))
     monkeypatch.chdir(ROOT)
+
+
+def one_line_error(capsys, argv, *fragments):
+    """Run the CLI on ``argv``: exit code 2 and exactly one stderr line containing every fragment."""
+    from nanogen.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("nanogen: error: ") and "Traceback" not in err
+    for f in fragments:
+        assert f in err, (f, err)

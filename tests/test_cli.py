@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, one_line_error
 from nanogen.cli import main
 
 SUBCOMMANDS = [
@@ -34,13 +34,6 @@ def test_each_subcommand_has_help(sub, capsys):
     assert len(capsys.readouterr().out) > 100
 
 
-def one_line_error(capsys, argv, *fragments):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("nanogen: error: ") and "Traceback" not in err
-    for f in fragments:
-        assert f in err, (f, err)
 
 
 def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path):

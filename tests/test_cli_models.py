@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from conftest import one_line_error
 from nanogen import checkpoint as ckpt
 from nanogen.cli import main
 from reference_ddt import RefCfg, reference_state_dict
@@ -14,13 +15,6 @@ SMALL = ["stage_2.params.hidden_size=[32,48]", "stage_2.params.depth=[2,1]", "st
 REF = RefCfg(32, 3, 4, (32, 48), (2, 1), (2, 4), mlp_ratio=3.0, num_classes=10, n_t=4, n_c=8)
 
 
-def one_line_error(capsys, argv, *fragments):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("nanogen: error: ") and "Traceback" not in err
-    for f in fragments:
-        assert f in err, (f, err)
 
 
 def test_convert_checkpoint_then_sample_through_the_python_api(tmp_path, capsys):

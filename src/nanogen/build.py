@@ -123,6 +123,12 @@ def build_objective(cfg: Stage2Config, net: nn.Module, frozen: Frozen | None = N
     """The objective wrapping ``net``. Without ``frozen`` it can sample but not compute REPA / REG /
     perceptual losses (sampling and evaluation never need the frozen networks)."""
     frozen = frozen or Frozen()
+    common = dict(
+        prediction=cfg.transport.prediction,
+        time_dist=LogitNormal.parse(cfg.transport.time_dist_type),
+        shift=train_shift(cfg),
+        cfg_dropout_prob=cfg.conditioning.cfg_dropout_prob,
+    )
     mf = cfg.transport.meanflow
     if mf is not None:
         from nanogen.objectives.meanflow import MeanFlowObjective
@@ -130,27 +136,16 @@ def build_objective(cfg: Stage2Config, net: nn.Module, frozen: Frozen | None = N
         if cfg.perceptual_loss.encoders:
             raise NotAvailableError("perceptual_loss: perceptual losses with MeanFlow are not available yet")
         return MeanFlowObjective(
-            net,
-            prediction=cfg.transport.prediction,
-            time_dist=LogitNormal.parse(cfg.transport.time_dist_type),
-            shift=train_shift(cfg),
-            cfg_dropout_prob=cfg.conditioning.cfg_dropout_prob,
-            fm_ratio=mf.fm_ratio, norm_p=mf.norm_p, norm_eps=mf.norm_eps, cfg_omega=mf.cfg_omega,
+            net, **common, fm_ratio=mf.fm_ratio, norm_p=mf.norm_p, norm_eps=mf.norm_eps, cfg_omega=mf.cfg_omega,
             cfg_kappa=mf.cfg_kappa, cfg_t_start=mf.cfg_t_start, cfg_t_end=mf.cfg_t_end,
             seed=42,  # the reference's fixed branch seed, identical on all ranks
         )  # fmt: skip
     return FlowObjective(
-        net,
-        prediction=cfg.transport.prediction,
-        time_dist=LogitNormal.parse(cfg.transport.time_dist_type),
-        shift=train_shift(cfg),
-        t_eps=cfg.transport.t_eps,
-        cfg_dropout_prob=cfg.conditioning.cfg_dropout_prob,
+        net, **common, t_eps=cfg.transport.t_eps,
         reg_coeff=cfg.repa.reg_coeff if cfg.repa.use_reg else 0.0,
         repa_coeff=cfg.repa.repa_coeff if cfg.repa.use_repa else 0.0,
-        encoder=frozen.encoder,
-        perceptual=frozen.perceptual,
-    )
+        encoder=frozen.encoder, perceptual=frozen.perceptual,
+    )  # fmt: skip
 
 
 def load_train_images(cfg: Stage2Config) -> tuple[torch.Tensor, torch.Tensor]:

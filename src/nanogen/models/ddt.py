@@ -217,14 +217,8 @@ class DDT(InContextStem):
         L_e = cfg.depth[0]
         s0 = self.n_before
         n = s0 + self.num_patches  # REG token + patches: the tokens the decoder continues
-        if return_repa and not cfg.enable_repa:
-            raise ValueError("return_repa needs a model built with enable_repa (repa.use_repa: true)")
         s, mask, e = self.embed(x, t, cond, cond_mask, cls_t, t_abs)
-        z = None
-        for i, block in enumerate(self.blocks[:L_e]):
-            s = block(s, self.enc_rope, mask)
-            if return_repa and i + 1 == cfg.repa_layer_depth:
-                z = self.repa_projector(s[:, :n])
+        s, z = self.run_blocks(s, self.blocks[:L_e], self.enc_rope, mask, return_repa)
         c = self.s_projector(F.silu(e.to(s.dtype) + s[:, :n]))  # per-token condition for the decoder
         h = self.x_embedder(x)
         if cfg.enable_reg:
@@ -232,11 +226,7 @@ class DDT(InContextStem):
         for block in self.blocks[L_e:]:
             h = block(h, c, self.dec_rope)
         out, cls = self.final_layer(h, c, s0)
-        img = unpatchify(out, cfg.patch_size[1], cfg.in_channels)
-        if cfg.enable_reg or return_repa:
-            return DiTOutput(img, cls, z)
-        return img
-
+        return self.package(unpatchify(out, cfg.patch_size[1], cfg.in_channels), cls, z, return_repa)
 
 # ----------------------------------------------------------------------------------------------------------
 # named sizes ([encoder, decoder] width, depth, heads). DDT-XL is every DiffusionBench model at 256 px

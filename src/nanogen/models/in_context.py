@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from nanogen.models.layers import LabelTokens, PatchEmbed, RMSNorm, TextTokens, TimeTokens
+from nanogen.models.outputs import DiTOutput
 
 
 @dataclass
@@ -109,3 +110,24 @@ class InContextStem(nn.Module):
             )
             mask = torch.cat([keep, cond_mask.to(device=seq.device, dtype=torch.bool)], dim=1)
         return seq, mask, e
+
+    def run_blocks(
+        self, s: Tensor, blocks: nn.ModuleList, rope: nn.Module, mask: Tensor | None, return_repa: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """The in-context blocks, with the REPA tap after block ``repa_layer_depth`` (1-based) on the REG token +
+        patches. Returns the sequence and the projected features (None unless ``return_repa``)."""
+        if return_repa and not self.cfg.enable_repa:  # type: ignore[attr-defined]
+            raise ValueError("return_repa needs a model built with enable_repa (repa.use_repa: true)")
+        n = self.n_before + self.num_patches  # type: ignore[attr-defined]
+        z = None
+        for i, block in enumerate(blocks):
+            s = block(s, rope, mask)
+            if return_repa and i + 1 == self.cfg.repa_layer_depth:  # type: ignore[attr-defined]
+                z = self.repa_projector(s[:, :n])
+        return s, z
+
+    def package(self, img: Tensor, cls: Tensor | None, z: Tensor | None, return_repa: bool) -> Tensor | DiTOutput:
+        """A bare tensor, or a ``DiTOutput`` when the model has a REG token or REPA features were requested."""
+        if self.enable_reg or return_repa:
+            return DiTOutput(img, cls, z)
+        return img

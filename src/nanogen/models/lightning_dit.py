@@ -139,21 +139,10 @@ class LightningDiT(InContextStem):
         """Same signature and outputs as ``DDT.forward``: x (B, C, H, W); t (B,) in [0, 1] (1 = noise); cond labels
         (B,) or text states (B, L, context_dim); cond_mask (B, L) bool or None; cls_t (REG); t_abs (MeanFlow)."""
         s0 = self.n_before
-        n = s0 + self.num_patches
-        if return_repa and not self.cfg.enable_repa:
-            raise ValueError("return_repa needs a model built with enable_repa (repa.use_repa: true)")
         s, mask, _ = self.embed(x, t, cond, cond_mask, cls_t, t_abs)
-        z = None
-        for i, block in enumerate(self.blocks):
-            s = block(s, self.rope, mask)
-            if return_repa and i + 1 == self.cfg.repa_layer_depth:
-                z = self.repa_projector(s[:, :n])
-        out, cls = self.final_layer(s[:, :n], s0)
-        img = unpatchify(out, self.cfg.patch_size, self.cfg.in_channels)
-        if self.cfg.enable_reg or return_repa:
-            return DiTOutput(img, cls, z)
-        return img
-
+        s, z = self.run_blocks(s, self.blocks, self.rope, mask, return_repa)
+        out, cls = self.final_layer(s[:, : s0 + self.num_patches], s0)
+        return self.package(unpatchify(out, self.cfg.patch_size, self.cfg.in_channels), cls, z, return_repa)
 
 # ----------------------------------------------------------------------------------------------------------
 # named sizes (width, depth, heads); the reference's default is the XL width at depth 28
