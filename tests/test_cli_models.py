@@ -76,3 +76,10 @@ def test_python_api_builds_without_weights_and_checks_formats(tmp_path):
     net = nanogen.build_stage2(NANO_DDT, SMALL, device="meta")
     assert sum(p.numel() for p in net.parameters()) > 0
     ckpt.save(tmp_path / "x.pt", {"ema": {}})
+
+
+def test_prepare_models_offline_and_unknown_are_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    one_line_error(capsys, ["prepare", "--models", "dinov2-vit-b"], "cannot download 'facebook/dinov2-with-registers-base'")
+    one_line_error(capsys, ["prepare", "--models", "dinov9-vit-b"], "unknown model 'dinov9-vit-b'")
+    one_line_error(capsys, ["prepare"], "pass --data and/or --models")

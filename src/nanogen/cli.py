@@ -186,6 +186,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.models:
+        from nanogen.prepare import prepare_models
+
+        prepare_models([m.strip() for m in args.models.split(",") if m.strip()])
+        if args.data is None:
+            return 0
+    if args.data is None:
+        raise ArgumentError("prepare: pass --data and/or --models (see 'nanogen prepare --help')")
     if args.data != "nano":
         raise NotAvailableError(
             f"prepare --data {args.data}: downloading ImageNet / BLIP3o / eval sets is not available in this nanogen release yet; "
@@ -344,8 +352,11 @@ def make_parser() -> Parser:
 
     p = add("prepare", cmd_prepare, "fetch or build datasets and reference statistics",
             "'--data nano' checks the built-in MNIST digits and caches their FID reference statistics (offline).\n"
+            "'--models dinov2-vit-b' downloads frozen networks (needs network once; afterwards HF_HUB_OFFLINE=1 works).\n"
             "ImageNet, BLIP3o and evaluation sets come in a later release.")
-    p.add_argument("--data", required=True, choices=["nano", "all", "imagenet", "t2i", "t2i-res512", "eval"], help="what to prepare")
+    p.add_argument("--data", default=None, choices=["nano", "all", "imagenet", "t2i", "t2i-res512", "eval"], help="what to prepare")
+    p.add_argument("--models", default=None, metavar="NAME[,NAME]",
+                   help="fetch frozen models into the Hugging Face cache by nanogen name (e.g. dinov2-vit-b) or hub id")
     p.add_argument("--data-dir", default="./data", help="where datasets go (default ./data)")
 
     p = add("train-stage1", not_yet("train-stage1 (RAE decoder training)", "the stage-1 issue"), "train a stage-1 decoder (not available yet)")

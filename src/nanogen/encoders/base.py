@@ -125,8 +125,8 @@ def build_encoder(name: str, source: str | None = None, resolution: int = 256) -
     except (OSError, ValueError) as e:
         raise NotAvailableError(
             f"cannot load representation encoder '{name}' from '{source}' ({str(e).splitlines()[0][:160]}); "
-            f"download it once with network access, or point {env_key(name)} (or misc.weights.{name}) at a "
-            f"local copy of {default}"
+            f"fetch it once with 'nanogen prepare --models {name}' (needs network), or point {env_key(name)} "
+            f"(or misc.weights.{name}) at a local copy of {default}"
         ) from None
     if kind == "dinov2":
         return DINOv2(model, name, resolution)
