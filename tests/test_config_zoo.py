@@ -236,13 +236,16 @@ def test_family_values(task, name):
     # tokenizer
     assert cfg.stage_1.target == target
     if target in ("vae", "qwen-vae", "flux2-vae"):
-        assert cfg.stage_1.params == {"vae_type": tok, "resolution": 512 if res512 else 256}
+        # resolve() fills the typed defaults (posterior mode, FLUX.2 BatchNorm eps)
+        assert cfg.stage_1.params == {"vae_type": tok, "resolution": 512 if res512 else 256, "sample_mode": "mode",
+                                      "eps": 1e-5}  # fmt: skip
     elif target == "rae":
         enc = {"rae-dinov2": "dinov2-vit-b"}.get(tok, tok[len("rae-"):])
         assert cfg.stage_1.params == {
             "encoder_name": enc, "resolution": 256, "decoder_config_path": "configs/decoder/ViTXL/config.json",
             "decoder_patch_size": 16, "pretrained_decoder_path": f"pretrained_models/stage1/decoders/{enc}/decoder.pt",
             "noise_tau": 0.0, "normalization_stat_path": f"pretrained_models/stage1/stats/{enc}/stats.pt",
+            "eps": 1e-5,
         }
         assert (REPO / cfg.stage_1.params["decoder_config_path"]).is_file()
     else:

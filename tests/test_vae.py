@@ -361,3 +361,21 @@ def test_bad_images_and_options(kl_factors):
         tok.decode(torch.zeros(1, 5, 8, 8))
     with pytest.raises(ConfigError, match="sample_mode"):
         VAELatents("flux", source=kl_factors, sample_mode="mean")
+
+
+def test_a_nano_run_trains_and_samples_in_a_vae_latent_space(tmp_path):
+    """stage_1: vae wired end to end: `nanogen train` encodes digits with a (tiny, saved) VAE, `sample` decodes."""
+    from nanogen.cli import main
+
+    torch.manual_seed(0)
+    vae_dir = _save(diffusers.AutoencoderKL(**KL_TINY, scaling_factor=0.5), tmp_path / "vae")
+    args = ["-c", "configs/stage2/training/nano/ddt-xs-pixel-xpred-t4c8.yaml", "stage_1.target=vae",
+            "stage_1.params={vae_type: sdvae-ema, resolution: 32}", f"misc.weights={{sdvae-ema: {vae_dir}}}",
+            "misc.latent_size=[4,16,16]", "stage_2.params.patch_size=[2,2]", "stage_2.params.hidden_size=[32,32]",
+            "stage_2.params.depth=[1,1]", "stage_2.params.num_heads=[2,2]", "transport.prediction=velocity",
+            "training.max_steps=2", "training.batch_size=4", "eval=null", "sampler.num_steps=2",
+            f"run.results_dir={tmp_path}", "run.name=vae"]  # fmt: skip
+    assert main(["train", *args]) == 0
+    ck = tmp_path / "vae" / "checkpoints" / "step-0000002.pt"
+    assert main(["sample", *args, "--ckpt", str(ck), "--num", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["train", *args, "misc.latent_size=[4,8,8]", "stage_2.params.patch_size=[1,1]", "run.name=bad"]) == 2

@@ -20,9 +20,19 @@ from nanogen.objectives.flow import FlowObjective, LogitNormal, shift_factor
 
 
 def build_tokenizer(cfg: Stage2Config) -> nn.Module:
-    _, entry = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
-    C, H, _ = cfg.misc.latent_size
-    return entry.load()(None, image_size=H, channels=C)
+    """The frozen stage-1 latent space (pixel, VAE, RAE); pretrained weights by hub id or ``misc.weights``."""
+    name, entry = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
+    C, H, W = cfg.misc.latent_size
+    if name == "pixel":
+        return entry.load()(None, image_size=H, channels=C)
+    params = build(entry.config_cls(), cfg.stage_1.params, source="config", prefix="stage_1.params")
+    tok = entry.load()(params, cfg.misc.weights)
+    if tuple(tok.latent_shape) != (C, H, W):
+        raise UserError(
+            f"misc.latent_size: {cfg.misc.latent_size} but the {name} latent space gives {list(tok.latent_shape)} "
+            f"at this resolution; make them agree"
+        )
+    return tok
 
 
 def build_network(cfg: Stage2Config) -> nn.Module:

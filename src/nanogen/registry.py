@@ -67,9 +67,27 @@ for _size in ("XS", "S", "B", "L", "XL"):
 
 # stage-1 tokenizers (the space the generator works in).
 TOKENIZERS: dict[str, Entry] = {
+    "vae": Entry(
+        "nanogen.latents.vae:from_params",
+        "nanogen.latents.vae:VAEParams",
+        "Diffusers VAEs (SD, SDXL, FLUX.1, SD3.5, REPA-E e2e-*), spec reference.md §6.6",
+    ),
+    "qwen-vae": Entry(
+        "nanogen.latents.vae:from_params", "nanogen.latents.vae:VAEParams",
+        "Qwen-Image VAE (5-D, T = 1), per-channel latent statistics, spec reference.md §6.6",
+    ),  # fmt: skip
+    "flux2-vae": Entry(
+        "nanogen.latents.vae:from_params", "nanogen.latents.vae:VAEParams",
+        "FLUX.2 VAE: 2x2 patchify to 128 channels, BatchNorm running statistics, spec reference.md §6.6",
+    ),  # fmt: skip
+    "rae": Entry(
+        "nanogen.latents.rae:from_params",
+        "nanogen.latents.rae:RAEParams",
+        "representation autoencoder: frozen encoder + ViT pixel decoder (spec reference.md §6.2-6.3)",
+    ),
     "pixel": Entry(
         "nanogen.latents.pixel:PixelSpace",
-        "nanogen.latents.pixel:PixelSpaceConfig",
+        None,  # no params: the size comes from misc.latent_size
         "identity 'tokenizer': the generator works on pixels in [-1, 1] (JiT, PixelGen, PixNerd, nano)",
     ),
 }
@@ -80,24 +98,18 @@ ALIASES: dict[str, str] = {
     "stage2.models.lightningDiT.LightningDiT": "LightningDiT",
     "stage1.pixel.PixelEncoder": "pixel",
     "stage1.PixelEncoder": "pixel",
+    "stage1.VAE": "vae",
+    "stage1.QwenVAE": "qwen-vae",
+    "stage1.Flux2VAE": "flux2-vae",
+    "stage1.RAE": "rae",
 }
 
 # Names the reference uses that a later nanogen release fills in: a clear message instead of "unknown".
-# Stage-1 names resolve (so configs that use them load, and ``model-info`` works on them); building one says
-# "not available yet".
 PLANNED: dict[str, str] = {
     "stage2.models.DDT.DiTwDDTHeadIG": "DDT-IG",
     "stage2.models.lightningDiT.LightningDiTIG": "LightningDiT-IG",
     "DDT-IG": "DDT-IG",
     "LightningDiT-IG": "LightningDiT-IG",
-    "stage1.VAE": "vae",
-    "stage1.QwenVAE": "qwen-vae",
-    "stage1.Flux2VAE": "flux2-vae",
-    "stage1.RAE": "rae",
-    "vae": "vae",
-    "qwen-vae": "qwen-vae",
-    "flux2-vae": "flux2-vae",
-    "rae": "rae",
 }
 
 

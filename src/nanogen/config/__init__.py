@@ -131,9 +131,10 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
             )
 
     # --- names resolve through the registries ---
-    # stage-1 names a later release builds (VAEs, RAE) still resolve, so their configs load and model-info works
-    name1, _ = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target", allow_planned=True)
+    name1, entry1 = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
     cfg.stage_1.target = name1
+    params1 = registry.build_params(entry1, cfg.stage_1.params, "stage_1.params")  # strict, typed
+    cfg.stage_1.params = to_dict(params1) if params1 is not None else {}
     name2, entry2 = registry.lookup(registry.MODELS, cfg.stage_2.target, "stage_2.target")
     cfg.stage_2.target = name2
 

@@ -423,3 +423,42 @@ def build_rae(
 
     encoder = build_encoder(encoder_name, encoder_source, resolution)
     return RAE(encoder, decoder_config_path, resolution, noise_tau, stats_path, eps, pretrained_decoder_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# from a config (stage_1: {target: rae, params: {...}})
+
+
+@dataclass
+class RAEParams:
+    """``stage_1.params`` of the RAE latent space, with the reference's names (§6.2)."""
+
+    encoder_name: str = "dinov2-vit-b"
+    resolution: int = 256
+    decoder_config_path: str = "configs/decoder/ViTXL/config.json"
+    decoder_patch_size: int = 16
+    pretrained_decoder_path: str | None = None
+    noise_tau: float = 0.8  # train-time noise augmentation (stage-1 configs 0.8; stage-2 configs 0)
+    normalization_stat_path: str | None = None
+    eps: float = 1e-5
+
+
+def _builtin_path(path: str) -> str:
+    """``configs/...`` paths also resolve inside an installed package (where configs/ ships as _configs/)."""
+    p = Path(path).expanduser()
+    if p.exists() or not path.startswith("configs/"):
+        return str(p)
+    from nanogen.config.loader import builtin_configs_dir
+
+    cand = builtin_configs_dir() / path.removeprefix("configs/")
+    return str(cand if cand.exists() else p)
+
+
+def from_params(params: RAEParams, weights: dict[str, str] | None = None) -> RAE:
+    if params.decoder_patch_size != 16:
+        raise ConfigError(f"stage_1.params.decoder_patch_size: the RAE decoder uses patch 16 (§6.3), got {params.decoder_patch_size}")
+    return build_rae(
+        params.encoder_name, _builtin_path(params.decoder_config_path), params.resolution, params.noise_tau,
+        params.normalization_stat_path, params.pretrained_decoder_path, (weights or {}).get(params.encoder_name),
+        params.eps,
+    )  # fmt: skip

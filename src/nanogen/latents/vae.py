@@ -27,6 +27,7 @@ VAE folder itself or a pipeline snapshot that holds it in the table's subfolder.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -292,3 +293,24 @@ class VAELatents(nn.Module):
             x = x.squeeze(2)
         x = ((x.float() + 1) / 2).clamp(0, 1)  # the reference's output in [0, 1]
         return x * 2 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# from a config (stage_1: {target: vae | qwen-vae | flux2-vae, params: {...}})
+
+
+@dataclass
+class VAEParams:
+    """``stage_1.params`` of the VAE latent spaces (the reference's ``VAE(vae_type, resolution, eps, sample_mode)``)."""
+
+    vae_type: str = "sdvae-ema"  # a key of VAE_TYPES
+    resolution: int = 256  # images are resized to this before encoding
+    sample_mode: str = "mode"  # "mode" (posterior mode, the reference's default) | "sample"
+    eps: float = FLUX2_BN_EPS  # FLUX.2 BatchNorm epsilon
+
+
+def from_params(params: VAEParams, weights: dict[str, str] | None = None) -> VAELatents:
+    """Build from typed params; ``weights`` (``misc.weights``) may map the vae_type to a local dir or hub id."""
+    lookup(params.vae_type)
+    source = (weights or {}).get(params.vae_type)
+    return VAELatents(params.vae_type, params.resolution, source, params.sample_mode, params.eps)
