@@ -113,16 +113,11 @@ PLANNED: dict[str, str] = {
 }
 
 
-def lookup(table: dict[str, Entry], name: str, where: str, allow_planned: bool = False) -> tuple[str, Entry | None]:
-    """Resolve ``name`` (or a reference alias) in ``table``; a clear ConfigError otherwise.
-
-    ``allow_planned``: a name a later release fills in resolves to its nanogen name with no entry (None).
-    """
+def lookup(table: dict[str, Entry], name: str, where: str) -> tuple[str, Entry]:
+    """Resolve ``name`` (or a reference alias) in ``table``; a clear ConfigError otherwise."""
     canonical = ALIASES.get(name, name)
     if canonical in table:
         return canonical, table[canonical]
-    if allow_planned and name in PLANNED:
-        return PLANNED[name], None
     if name in PLANNED or canonical in PLANNED:
         raise ConfigError(
             f"{where}: '{name}' is not available in this nanogen release yet; "
