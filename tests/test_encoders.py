@@ -58,7 +58,7 @@ def test_env_var_source_and_offline_error(tiny_dinov2, monkeypatch, tmp_path):
     with pytest.raises(NotAvailableError, match="cannot load representation encoder 'dinov2-vit-b'.*NANOGEN_ENCODER_DINOV2_VIT_B"):
         build_encoder("dinov2-vit-b", str(tmp_path / "missing"))
     with pytest.raises(NotAvailableError, match="not available"):
-        build_encoder("mae-vit-b")
+        build_encoder("convnextv2-vit-b")
     with pytest.raises(ConfigError, match="type-arch-config"):
         build_encoder("dinov2")
     assert encoder_width("dinov2-vit-b") == 768 and encoder_width("dinov2-vit-g") == 1536

@@ -7,6 +7,7 @@ image batch in [-1, 1] at any size; each encoder applies its own preprocessing (
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,26 @@ DINOV2_HUB = {
     "l": ("facebook/dinov2-with-registers-large", 1024),
     "g": ("facebook/dinov2-with-registers-giant", 1536),
 }
+
+# siglip2-vit-{b,l,so400m,g}: fixed-resolution SigLIP2 checkpoints (SigLIP architecture, SiglipVisionModel).
+SIGLIP2_HUB = {
+    "b": ("google/siglip2-base-patch16-256", 768),
+    "l": ("google/siglip2-large-patch16-256", 1024),
+    "so400m": ("google/siglip2-so400m-patch16-256", 1152),
+    "g": ("google/siglip2-giant-opt-patch16-256", 1536),
+}
+
+# mae-vit-{b,l,h}: the encoder (``.vit``) of the MAE pre-training checkpoints (ViTMAEModel).
+MAE_HUB = {
+    "b": ("facebook/vit-mae-base", 768),
+    "l": ("facebook/vit-mae-large", 1024),
+    "h": ("facebook/vit-mae-huge", 1280),
+}
+
+# webssl-<arch>-<cfg> -> facebook/webssl-<cfg with '_' -> '-'>, e.g. webssl-vit-dino300m_full2b_224 ->
+# facebook/webssl-dino300m-full2b-224 (names have exactly three dash-separated parts, so the config spells the
+# hub id's dashes as underscores). Only the DINO-trained WebSSL models (Dinov2 architecture) are accepted.
+WEBSSL_CFG = re.compile(r"dino\d+[mb]_[a-z]+\d+[mb]_\d+")
 
 
 @dataclass
@@ -91,20 +112,39 @@ def _parse(name: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def _available() -> list[str]:
+    return (
+        [f"dinov2-vit-{s}" for s in DINOV2_HUB]
+        + [f"siglip2-vit-{s}" for s in SIGLIP2_HUB]
+        + [f"mae-vit-{s}" for s in MAE_HUB]
+        + ["webssl-vit-<cfg> (e.g. webssl-vit-dino300m_full2b_224)"]
+    )
+
+
 def encoder_width(name: str) -> int | None:
     kind, _, size = _parse(name)
     if kind == "dinov2" and size in DINOV2_HUB:
         return DINOV2_HUB[size][1]
-    return None
+    if kind == "siglip2" and size in SIGLIP2_HUB:
+        return SIGLIP2_HUB[size][1]
+    if kind == "mae" and size in MAE_HUB:
+        return MAE_HUB[size][1]
+    return None  # webssl: the width is in the checkpoint's config only
 
 
 def default_source(name: str) -> str:
     kind, _, size = _parse(name)
     if kind == "dinov2" and size in DINOV2_HUB:
         return DINOV2_HUB[size][0]
+    if kind == "siglip2" and size in SIGLIP2_HUB:
+        return SIGLIP2_HUB[size][0]
+    if kind == "mae" and size in MAE_HUB:
+        return MAE_HUB[size][0]
+    if kind == "webssl" and WEBSSL_CFG.fullmatch(size):
+        return "facebook/webssl-" + size.replace("_", "-")
     raise NotAvailableError(
         f"representation encoder '{name}' is not available in this nanogen release yet; available: "
-        + ", ".join(f"dinov2-vit-{s}" for s in DINOV2_HUB)
+        + ", ".join(_available())
     )
 
 
@@ -112,22 +152,48 @@ def env_key(name: str) -> str:
     return "NANOGEN_ENCODER_" + name.upper().replace("-", "_").replace(".", "_")
 
 
-def build_encoder(name: str, source: str | None = None, resolution: int = 256) -> RepresentationEncoder:
+def _model_class(kind: str):
+    import transformers
+
+    if kind == "siglip2":  # the checkpoints hold the whole SigLIP model; load the vision tower only
+        return transformers.SiglipVisionModel, {}
+    if kind == "mae":  # the checkpoints are ViTMAEForPreTraining; the encoder without masking
+        return transformers.ViTMAEModel, {"mask_ratio": 0.0}
+    return transformers.AutoModel, {}  # dinov2 (with registers), webssl (Dinov2Model)
+
+
+def build_encoder(
+    name: str, source: str | None = None, resolution: int = 256, *, strip_affine: bool = False
+) -> RepresentationEncoder:
     """A frozen encoder by name. ``source``: a local directory or a hub id (default: the env var
-    ``NANOGEN_ENCODER_<NAME>``, else the public hub id). Offline and not cached: one clear error."""
+    ``NANOGEN_ENCODER_<NAME>``, else the public hub id). Offline and not cached: one clear error.
+
+    ``strip_affine`` (``siglip2`` only): drop the learned affine of SigLIP's final LayerNorm, the reference's
+    intent; the default keeps it, as the reference's code actually does (see ``encoders.hf.SigLIP2``)."""
     default = default_source(name)  # also validates the name
-    source = source or os.environ.get(env_key(name)) or default
     kind, _, _ = _parse(name)
-    from transformers import AutoModel
+    if strip_affine and kind != "siglip2":
+        raise ConfigError(f"strip_affine applies to siglip2 encoders only, not '{name}'")
+    source = source or os.environ.get(env_key(name)) or default
+    cls, kwargs = _model_class(kind)
 
     try:
-        model = AutoModel.from_pretrained(source)
+        model = cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise NotAvailableError(
             f"cannot load representation encoder '{name}' from '{source}' ({str(e).splitlines()[0][:160]}); "
-            f"fetch it once with 'nanogen prepare --models {name}' (needs network), or point {env_key(name)} "
-            f"(or misc.weights.{name}) at a local copy of {default}"
+            f"its weights are not available locally: fetch it once with 'nanogen prepare --models {name}' "
+            f"(needs network), or point {env_key(name)} (or misc.weights.{name}) at a local copy of {default}"
         ) from None
     if kind == "dinov2":
         return DINOv2(model, name, resolution)
+    if kind == "webssl":
+        # Dinov2 without registers: CLS and patches of the model's own output (its affine final LayerNorm)
+        return DINOv2(model, name, resolution, affine_norm=True)
+    from nanogen.encoders.hf import MAE, SigLIP2
+
+    if kind == "siglip2":
+        return SigLIP2(model, name, resolution, strip_affine=strip_affine)
+    if kind == "mae":
+        return MAE(model, name, resolution)
     raise AssertionError(kind)  # default_source rejected every other kind

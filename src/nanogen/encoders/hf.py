@@ -1,0 +1,93 @@
+"""SigLIP2 and MAE representation encoders on Hugging Face ``transformers`` models (spec ``reference.md`` §6.5).
+
+The name -> hub id tables and the loading live in ``nanogen.encoders.base`` (``build_encoder``); these classes
+wrap an already loaded model. WebSSL reuses ``base.DINOv2`` (same Dinov2 architecture, no registers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nanogen.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderFeatures, RepresentationEncoder
+
+
+def _resize(x: Tensor, size: int) -> Tensor:
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return x
+
+
+class SigLIP2(RepresentationEncoder):
+    """SigLIP2 vision tower, patch 16 (§6.5 ``siglip2``).
+
+    Preprocess: [-1, 1] -> [0, 1], bicubic resize to R, mean/std 0.5 (so [-1, 1] again). Output: the patch tokens
+    of ``last_hidden_state``; SigLIP has no CLS token (``cls=None``).
+
+    **Reference quirk, reproduced by default:** the reference means to strip the affine weights of the final
+    ``post_layernorm`` but only sets its ``elementwise_affine`` flag after construction, which PyTorch ignores,
+    so the learned affine IS applied; the default matches that (checkpoint parity with the reference's
+    decoders and statistics). ``strip_affine=True`` gives the intended behaviour: a plain, non-affine
+    LayerNorm over the last block's output.
+    """
+
+    def __init__(self, model: nn.Module, name: str, resolution: int = 256, strip_affine: bool = False):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.embed_dim = model.config.hidden_size
+        self.input_size = resolution
+        self.strip_affine = strip_affine
+        self.freeze()
+
+    def forward(self, images: Tensor) -> EncoderFeatures:
+        x = _resize((images.float() + 1) / 2, self.input_size)
+        x = (x - 0.5) / 0.5
+        interpolate = self.input_size != self.model.config.image_size
+        out = self.model(
+            pixel_values=x, output_hidden_states=self.strip_affine, interpolate_pos_encoding=interpolate
+        )
+        if self.strip_affine:
+            h = out.hidden_states[-1]  # the last block's output, before post_layernorm
+            h = F.layer_norm(h, (h.shape[-1],), eps=self.model.post_layernorm.eps)
+        else:
+            # post_layernorm with its learned affine: what the reference's code actually outputs
+            h = out.last_hidden_state
+        return EncoderFeatures(cls=None, patches=h)
+
+
+class MAE(RepresentationEncoder):
+    """MAE ViT encoder, patch 16 (§6.5 ``mae``).
+
+    Preprocess: [-1, 1] -> [0, 1], bicubic resize to R, ImageNet mean/std; the position embedding is resampled
+    to the (R/16)^2 grid. No masking: mask ratio 0 and an identity-ordered noise (``arange``; ViTMAE keeps the
+    tokens in ``argsort(noise)`` order), so the tokens stay in raster order. Output: CLS dropped, the final
+    LayerNorm applied **without** its affine weights.
+    """
+
+    def __init__(self, model: nn.Module, name: str, resolution: int = 256):
+        super().__init__()
+        model.config.mask_ratio = 0.0  # the embeddings read the ratio from the (shared) config at call time
+        model.embeddings.config.mask_ratio = 0.0
+        self.model = model
+        self.name = name
+        self.embed_dim = model.config.hidden_size
+        self.patch_size = model.config.patch_size
+        self.input_size = resolution
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    def forward(self, images: Tensor) -> EncoderFeatures:
+        x = _resize((images.float() + 1) / 2, self.input_size)
+        x = (x - self.mean) / self.std
+        n = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
+        noise = torch.arange(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n)
+        interpolate = self.input_size != self.model.config.image_size
+        out = self.model(
+            pixel_values=x, noise=noise, output_hidden_states=True, interpolate_pos_encoding=interpolate
+        )
+        h = out.hidden_states[-1]  # the last block's output, before the final LayerNorm
+        h = F.layer_norm(h, (h.shape[-1],), eps=self.model.layernorm.eps)
+        return EncoderFeatures(cls=None, patches=h[:, 1:])
