@@ -121,25 +121,23 @@ def _available() -> list[str]:
     )
 
 
+def _hub(kind: str, size: str) -> tuple[str, int] | None:
+    """(hub id, width) of a fixed-size encoder, or None."""
+    table = {"dinov2": DINOV2_HUB, "siglip2": SIGLIP2_HUB, "mae": MAE_HUB}.get(kind, {})
+    return table.get(size)
+
+
 def encoder_width(name: str) -> int | None:
     kind, _, size = _parse(name)
-    if kind == "dinov2" and size in DINOV2_HUB:
-        return DINOV2_HUB[size][1]
-    if kind == "siglip2" and size in SIGLIP2_HUB:
-        return SIGLIP2_HUB[size][1]
-    if kind == "mae" and size in MAE_HUB:
-        return MAE_HUB[size][1]
-    return None  # webssl: the width is in the checkpoint's config only
+    hub = _hub(kind, size)
+    return hub[1] if hub else None  # webssl: the width is in the checkpoint's config only
 
 
 def default_source(name: str) -> str:
     kind, _, size = _parse(name)
-    if kind == "dinov2" and size in DINOV2_HUB:
-        return DINOV2_HUB[size][0]
-    if kind == "siglip2" and size in SIGLIP2_HUB:
-        return SIGLIP2_HUB[size][0]
-    if kind == "mae" and size in MAE_HUB:
-        return MAE_HUB[size][0]
+    hub = _hub(kind, size)
+    if hub:
+        return hub[0]
     if kind == "webssl" and WEBSSL_CFG.fullmatch(size):
         return "facebook/webssl-" + size.replace("_", "-")
     raise NotAvailableError(

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from nanogen.encoders.base import IMAGENET_MEAN, IMAGENET_STD  # re-exported: the discriminator's input norm
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -53,9 +55,6 @@ __all__ = [
     "vit_small_patch8",
     "zero_qkv_k_bias_",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------------- plain ViT
