@@ -60,13 +60,12 @@ def kl_perchannel(tmp_path_factory):
 
 def _images(b=2, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, size, size, generator=g) * 2 - 1
+    return torch.rand(b, 3, size, size, generator=g)  # the tokenizer interface: [0, 1]
 
 
 def _ref_input(images, res):
-    """The reference's preprocessing, written out: [-1,1] -> [0,1] -> bilinear resize -> [-1,1]."""
-    x01 = (images + 1) / 2
-    x01 = F.interpolate(x01, size=(res, res), mode="bilinear", align_corners=False)
+    """The reference's preprocessing, written out: [0,1] -> bilinear resize -> [-1,1]."""
+    x01 = F.interpolate(images, size=(res, res), mode="bilinear", align_corners=False)
     return 2 * x01 - 1
 
 
@@ -161,7 +160,7 @@ def test_kl_encode_matches_independent_computation(kl_factors):
     # no resize when already at resolution
     imgs16 = _images(size=16, seed=3)
     with torch.no_grad():
-        raw16 = ref.encode(imgs16).latent_dist.mode()
+        raw16 = ref.encode(imgs16 * 2 - 1).latent_dist.mode()
     torch.testing.assert_close(tok.encode(imgs16), (raw16 - 0.125) * 0.75, rtol=1e-5, atol=1e-5)
 
 
@@ -170,7 +169,7 @@ def test_kl_registry_scalar_overrides_config(kl_factors):
     ref = diffusers.AutoencoderKL.from_pretrained(str(kl_factors)).eval()
     imgs = _images(size=16, seed=1)
     with torch.no_grad():
-        raw = ref.encode(imgs).latent_dist.mode()
+        raw = ref.encode(imgs * 2 - 1).latent_dist.mode()
     torch.testing.assert_close(tok.encode(imgs), (raw - 0.0) * 0.18215, rtol=1e-5, atol=1e-6)
 
 
@@ -182,10 +181,10 @@ def test_kl_decode_inverts_normalisation(kl_factors):
     out = tok.decode(z)
     with torch.no_grad():
         x = ref.decode(z / 0.75 + 0.125).sample
-    expected = ((x + 1) / 2).clamp(0, 1) * 2 - 1
+    expected = ((x + 1) / 2).clamp(0, 1)
     assert out.shape == (2, 3, 16, 16)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert out.min() >= -1 and out.max() <= 1
+    assert out.min() >= 0 and out.max() <= 1 and (out == 0).any() and (out == 1).any()
     # round trip shapes
     assert tok.decode(tok.encode(_images(size=16))).shape == (2, 3, 16, 16)
 
@@ -196,7 +195,7 @@ def test_kl_per_channel_stats_and_subfolder(kl_perchannel, monkeypatch):
     ref = diffusers.AutoencoderKL.from_pretrained(str(kl_perchannel), subfolder="vae").eval()
     imgs = _images(size=16, seed=2)
     with torch.no_grad():
-        raw = ref.encode(imgs).latent_dist.mode()
+        raw = ref.encode(imgs * 2 - 1).latent_dist.mode()
     mean, std = torch.tensor(MEAN4).view(1, 4, 1, 1), torch.tensor(STD4).view(1, 4, 1, 1)
     z = tok.encode(imgs)
     torch.testing.assert_close(z, (raw - mean) / std, rtol=1e-5, atol=1e-5)
@@ -205,7 +204,7 @@ def test_kl_per_channel_stats_and_subfolder(kl_perchannel, monkeypatch):
     torch.testing.assert_close(tok_sd.encode(imgs), z, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         x = ref.decode(z * std + mean).sample
-    torch.testing.assert_close(tok.decode(z), x.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok.decode(z), ((x + 1) / 2).clamp(0, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_sample_mode_is_seeded_and_differs_from_mode(kl_factors):
@@ -259,7 +258,7 @@ def test_qwen_video_vae_t1_axis(tmp_path):
     with torch.no_grad():
         x = ref.decode((z * std + mean).unsqueeze(2)).sample[:, :, 0]
     assert out.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ((x + 1) / 2).clamp(0, 1), rtol=1e-5, atol=1e-5)
 
 
 # --- FLUX.2 -----------------------------------------------------------------------------------------------------
@@ -295,7 +294,7 @@ def test_flux2_patchify_and_batchnorm(tmp_path):
     imgs = _images(size=16, seed=6)
     z = tok.encode(imgs)
     with torch.no_grad():
-        raw = ref.encode(imgs).latent_dist.mode()  # (2, 4, 8, 8)
+        raw = ref.encode(imgs * 2 - 1).latent_dist.mode()  # (2, 4, 8, 8)
     expected = torch.empty(2, 16, 4, 4)
     for c in range(4):
         for dy in range(2):
@@ -308,7 +307,7 @@ def test_flux2_patchify_and_batchnorm(tmp_path):
     with torch.no_grad():
         x = ref.decode(raw).sample  # decode inverts BN + patchify exactly
     assert out.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ((x + 1) / 2).clamp(0, 1), rtol=1e-4, atol=1e-4)
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
@@ -354,9 +353,13 @@ def test_bad_images_and_options(kl_factors):
         with pytest.raises(ConfigError, match="shape"):
             tok.encode(bad)
     with pytest.raises(ConfigError, match=r"0, 255"):
-        tok.encode((imgs + 1) * 127.5)
+        tok.encode(imgs * 255)
     with pytest.raises(ConfigError, match=r"\[-1, 1\]"):
-        tok.encode(imgs * 3)
+        tok.encode(imgs * 2 - 1)
+    with pytest.raises(ConfigError, match=r"must lie in \[0, 1\]"):
+        tok.encode(imgs * 3 - 1)
+    with pytest.raises(ConfigError, match="uint8"):
+        tok.encode((imgs * 255).to(torch.uint8))
     with pytest.raises(ConfigError, match="shape"):
         tok.decode(torch.zeros(1, 5, 8, 8))
     with pytest.raises(ConfigError, match="sample_mode"):

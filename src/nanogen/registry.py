@@ -88,7 +88,7 @@ TOKENIZERS: dict[str, Entry] = {
     "pixel": Entry(
         "nanogen.latents.pixel:PixelSpace",
         None,  # no params: the size comes from misc.latent_size
-        "identity 'tokenizer': the generator works on pixels in [-1, 1] (JiT, PixelGen, PixNerd, nano)",
+        "pixel space: encode = 2x - 1 (the generator works on pixels in [-1, 1]; JiT, PixelGen, PixNerd, nano)",
     ),
 }
 

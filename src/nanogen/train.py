@@ -42,6 +42,7 @@ from nanogen.data.loader import TensorLoader
 from nanogen.ema import EMA
 from nanogen.errors import UserError
 from nanogen.eval import generate as gen
+from nanogen.latents.base import check_images, to_unit
 from nanogen.log import MetricsLog, append_csv, print0, progress, read_metrics
 from nanogen.optim import build_optimizer, build_scheduler
 from nanogen.viz import save_grid, save_loss_curve
@@ -114,6 +115,7 @@ def train(cfg: Stage2Config) -> TrainResult:
 
     # ---- data ----
     images, labels = load_train_images(cfg)
+    check_images(to_unit(images), f"dataset '{cfg.dataset.target}'")  # once, so the loop needs no host sync
     micro = _micro_batch(cfg, info.world_size)
     loader = TensorLoader(images, labels, batch_size=micro, seed=cfg.dataset.seed, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = tc.virtual_epoch_steps or max(1, len(loader) // tc.grad_accum_steps)
@@ -214,7 +216,7 @@ def train(cfg: Stage2Config) -> TrainResult:
                 ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
                 with ctx, torch.autocast(**autocast):
                     with torch.no_grad():
-                        z = tokenizer.encode(x)
+                        z = tokenizer.encode(to_unit(x), check=False)  # the data were range-checked at load
                     out = wrapped(z, conditioner(y), null, images=x)
                     loss = out["loss"] / tc.grad_accum_steps
                 loss.backward()

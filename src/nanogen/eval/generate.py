@@ -79,4 +79,4 @@ def generate(
             z = sampling.sample(v, noise, s.num_steps, s.shift, s.solver, on_step)
     if isinstance(z, tuple):  # REG: the token was only a companion of the image
         z = z[0]
-    return tokenizer.decode(z.float())
+    return tokenizer.decode(z.float()).clamp(0, 1) * 2 - 1  # tokenizers decode to [0, 1]; nanogen's images are [-1, 1]

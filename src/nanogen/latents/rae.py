@@ -1,8 +1,7 @@
 """RAE: a frozen representation encoder + a trained ViT pixel decoder (spec ``reference.md`` §6.2-6.4).
 
-nanogen's tokenizers take and return images in [-1, 1] (see ``pixel.py``); the reference's take [0, 1]. The
-reference decoder is trained to output [0, 1]-range images, so ``RAE.decode`` returns ``2 * x01 - 1``. Like the
-reference, ``decode`` does **not** clamp (evaluation clamps).
+Like every tokenizer (``latents/base.py``), the RAE takes and returns images in [0, 1]. Like the reference,
+``decode`` does **not** clamp (evaluation clamps).
 
 Readings taken where the spec is silent or ambiguous:
 
@@ -21,8 +20,8 @@ Readings taken where the spec is silent or ambiguous:
   trainable cls token is ``cls_token``. ``decoder_pos_embed`` is a fixed, persistent buffer.
 * The stats ``mean``/``var`` are non-persistent buffers: they come from the stats file, not from checkpoints.
 * Input images whose size differs from ``resolution`` are bicubically resized to it first (§6.2 step 2); the
-  encoder then applies its own preprocessing. The §6.2 "multiply by 255" heuristic has no counterpart: nanogen's
-  encoders take [-1, 1].
+  encoder then applies its own preprocessing. The §6.2 "multiply by 255 if max <= 1" heuristic is replaced by a
+  strict check: images must lie in [0, 1] (a [0, 255] batch gets a one-line error instead of a silent guess).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanogen.errors import CheckpointError, ConfigError
+from nanogen.latents.base import check_images
 
 DECODER_PATCH_SIZE = 16
 
@@ -294,7 +294,7 @@ def load_stats(path: str | os.PathLike, shape: tuple[int, int, int]) -> tuple[Te
 class RAE(nn.Module):
     """Representation autoencoder tokenizer (§6.2).
 
-    ``encode(images in [-1, 1]) -> (B, C, g, g)``; ``decode(latents) -> images`` (``2 * decoder - 1``, no clamp).
+    ``encode(images in [0, 1]) -> (B, C, g, g)``; ``decode(latents) -> images`` in [0, 1] nominal range (no clamp).
     ``encoder``: a frozen module returning ``EncoderFeatures`` (``build_encoder``) with an ``embed_dim``.
     ``decoder``: an ``RAEDecoder`` or a decoder config JSON path (built for ``encoder.embed_dim`` and
     ``(resolution/16)**2`` tokens).
@@ -379,14 +379,17 @@ class RAE(nn.Module):
             return z
         return z * torch.sqrt(self.latent_var + self.eps) + self.latent_mean
 
-    def encode(self, images: Tensor) -> Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> latents (B, C, g, g); noise ``sigma * n``, ``sigma ~ U(0, tau)``
-        per sample, only in train mode."""
+    def encode(self, images: Tensor, *, check: bool = True) -> Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> latents (B, C, g, g); noise ``sigma * n``, ``sigma ~ U(0, tau)``
+        per sample, only in train mode. (The reference guesses the range: max <= 1 means [0, 1]; nanogen
+        requires [0, 1] and says so when the batch is outside it.)"""
+        if check:
+            check_images(images, "RAE encode")
         x = images.float()
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
         with torch.no_grad():
-            z = self.encoder(x).patches.float()  # (B, N, C)
+            z = self.encoder(x * 2 - 1).patches.float()  # (B, N, C); nanogen's encoders take [-1, 1]
         b, n, c = z.shape
         if n != self.num_tokens or c != self.latent_dim:
             raise ValueError(
@@ -399,10 +402,10 @@ class RAE(nn.Module):
         return self._normalize(z)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, C, g, g) -> images (B, 3, 16g, 16g) in [-1, 1] nominal range (not clamped)."""
+        """Latents (B, C, g, g) -> images (B, 3, 16g, 16g) in [0, 1] nominal range (not clamped)."""
         z = self._denormalize(latents.float())
         tokens = z.flatten(2).transpose(1, 2)  # (B, g*g, C), row-major
-        return 2 * self.decoder(tokens) - 1
+        return self.decoder(tokens)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.decode(self.encode(images))

@@ -1,9 +1,9 @@
 """Pretrained diffusers VAEs as frozen stage-1 tokenizers (spec ``reference.md`` §6.1, §6.6, §2.5).
 
-nanogen works on images in [-1, 1]; the reference's VAE works on [0, 1]. ``VAELatents`` keeps the reference's
-arithmetic: ``encode`` maps to [0, 1], bilinearly resizes to ``resolution``, maps back to [-1, 1], runs the
-diffusers encoder, takes the posterior mode (or a sample), and normalises ``z = (z_raw - shift) * scale``.
-``decode`` inverts the normalisation, runs the decoder and returns ``2 * clamp((x + 1) / 2, 0, 1) - 1``.
+``VAELatents`` follows the stage-1 interface (``latents/base.py``) with the reference's arithmetic: ``encode``
+takes images in [0, 1], bilinearly resizes to ``resolution``, maps to [-1, 1], runs the diffusers encoder, takes
+the posterior mode (or a sample), and normalises ``z = (z_raw - shift) * scale``. ``decode`` inverts the
+normalisation, runs the decoder and returns ``clamp((x + 1) / 2, 0, 1)``.
 
 Shift / scale resolution order (§6.6), each resolved on its own:
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanogen.errors import ConfigError, NotAvailableError
+from nanogen.latents.base import check_images
 
 
 class VAEType(NamedTuple):
@@ -141,26 +142,9 @@ def _resolve_source(vae_type: str, spec: VAEType, source: str | os.PathLike | No
     return src, spec.subfolder
 
 
-def check_images(images: Tensor) -> None:
-    """nanogen's image convention: (B, 3, H, W) in [-1, 1]. One-line ``ConfigError`` otherwise."""
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ConfigError(f"VAE encode: expected images of shape (B, 3, H, W) in [-1, 1], got {shape}")
-    if images.numel() and not images.is_floating_point():
-        raise ConfigError(f"VAE encode: expected float images in [-1, 1], got dtype {images.dtype}")
-    if images.numel():
-        lo, hi = torch.aminmax(images.detach())
-        lo, hi = float(lo), float(hi)
-        if lo < -1.5 or hi > 1.5 or lo != lo or hi != hi:
-            hint = " (looks like [0, 255]; divide by 127.5 and subtract 1)" if hi > 2.0 and lo >= -0.5 else ""
-            raise ConfigError(
-                f"VAE encode: images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}"
-            )
-
-
 class VAELatents(nn.Module):
-    """A frozen diffusers VAE. encode: images in [-1, 1] -> normalised latents (B, C, h, w);
-    decode: latents -> images in [-1, 1] (clamped)."""
+    """A frozen diffusers VAE. encode: images in [0, 1] -> normalised latents (B, C, h, w);
+    decode: latents -> images in [0, 1] (clamped)."""
 
     def __init__(
         self,
@@ -251,10 +235,11 @@ class VAELatents(nn.Module):
         return next(self.vae.parameters()).dtype
 
     @torch.no_grad()
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        check_images(images)
+    def encode(self, images: Tensor, generator: torch.Generator | None = None, *, check: bool = True) -> Tensor:
+        if check:
+            check_images(images, "VAE encode")
         param = next(self.vae.parameters())
-        x = (images.to(param.device, torch.float32) + 1) / 2  # the reference's [0, 1]
+        x = images.to(param.device, torch.float32)
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(
                 x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False
@@ -291,8 +276,7 @@ class VAELatents(nn.Module):
         x = self.vae.decode(z).sample
         if self.is_video:
             x = x.squeeze(2)
-        x = ((x.float() + 1) / 2).clamp(0, 1)  # the reference's output in [0, 1]
-        return x * 2 - 1
+        return ((x.float() + 1) / 2).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
