@@ -23,6 +23,7 @@ __all__ = [
     "dump_yaml",
     "find_config",
     "load_config",
+    "load_stage1_config",
     "resolve",
     "to_dict",
 ]
@@ -180,6 +181,46 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
     # --- run ---
     if cfg.run.name is None:
         cfg.run.name = default_name or cfg.task or "run"
+    return cfg
+
+
+def load_stage1_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage1Config:
+    cfg = compose(path, overrides, Stage1Config)
+    return resolve_stage1(cfg, Path(path).stem if path is not None else None)
+
+
+def resolve_stage1(cfg: Stage1Config, default_name: str | None = None) -> Stage1Config:
+    """Check a stage-1 run's config (spec ``reference.md`` §2.2, §6.7) and resolve its names. Idempotent."""
+    from nanogen import registry
+
+    name, entry = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
+    cfg.stage_1.target = name
+    params = registry.build_params(entry, cfg.stage_1.params, "stage_1.params")
+    cfg.stage_1.params = to_dict(params) if params is not None else {}
+    tc, loss = cfg.training, cfg.gan.loss
+    for path, value, ok, rule in [
+        ("training.max_steps", tc.max_steps, tc.max_steps is None or tc.max_steps >= 0, ">= 0 (or null)"),
+        ("training.batch_size", tc.batch_size, tc.batch_size >= 1, ">= 1"),
+        ("training.log_interval", tc.log_interval, tc.log_interval >= 1, ">= 1"),
+        ("training.ema_decay", tc.ema_decay, 0 <= tc.ema_decay <= 1, "in [0, 1]"),
+        ("gan.loss.disc_weight", loss.disc_weight, loss.disc_weight >= 0, ">= 0 (0 = no GAN)"),
+        ("gan.loss.perceptual_weight", loss.perceptual_weight, loss.perceptual_weight >= 0, ">= 0 (0 = no LPIPS)"),
+        ("gan.loss.disc_updates", loss.disc_updates, loss.disc_updates >= 1, ">= 1"),
+        ("gan.loss.max_d_weight", loss.max_d_weight, loss.max_d_weight > 0, "> 0"),
+        ("gan.augment.prob", cfg.gan.augment.prob, 0 <= cfg.gan.augment.prob <= 1, "in [0, 1]"),
+    ]:
+        if not ok:
+            raise ConfigError(f"{path}: must be {rule}, got {value}")
+    if tc.grad_accum_steps != 1:
+        raise ConfigError(
+            f"training.grad_accum_steps: stage-1 training takes one generator and one discriminator step per "
+            f"batch (§6.7), so accumulation is not supported; got {tc.grad_accum_steps}, use 1"
+        )
+    for name_, ds in (cfg.eval.datasets if cfg.eval is not None else {}).items():
+        if ds.batch_size < 1:
+            raise ConfigError(f"eval.datasets.{name_}.batch_size: must be >= 1, got {ds.batch_size}")
+    if cfg.run.name is None:
+        cfg.run.name = default_name or "stage1"
     return cfg
 
 
