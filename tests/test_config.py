@@ -171,3 +171,17 @@ def test_override_values_round_trip(lr, steps, scale, split):
     cfg = compose(DEMO, ov, Stage2Config)
     assert cfg.training.optimizer.lr == lr and cfg.training.max_steps == steps
     assert cfg.guidance.cfg.scale == scale and cfg.dataset.split == split
+
+
+def test_switching_a_model_target_starts_its_params_afresh():
+    """params belong to the target they were written for; the same target merges key by key."""
+    from nanogen.config.loader import deep_merge
+
+    base = {"stage_1": {"target": "rae", "params": {"encoder_name": "dinov2-vit-b", "noise_tau": 0.0}}}
+    switched = deep_merge(base, {"stage_1": {"target": "vae", "params": {"vae_type": "sdvae-ema"}}})
+    assert switched["stage_1"] == {"target": "vae", "params": {"vae_type": "sdvae-ema"}}
+    same = deep_merge(base, {"stage_1": {"target": "rae", "params": {"noise_tau": 0.8}}})
+    assert same["stage_1"]["params"] == {"encoder_name": "dinov2-vit-b", "noise_tau": 0.8}
+    cfg = load_config(DEMO, ["stage_1.target=vae", "stage_1.params={vae_type: sdxl-vae, resolution: 32}",
+                             "misc.latent_size=[4, 4, 4]"])  # fmt: skip
+    assert cfg.stage_1.params["vae_type"] == "sdxl-vae"

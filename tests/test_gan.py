@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from nanogen.config.schema import GanArchConfig, GanAugmentConfig
+from nanogen.errors import ConfigError, NotAvailableError
 from nanogen.stage1 import diffaug as da
 from nanogen.stage1.diffaug import DiffAug
 from nanogen.stage1.disc import (
@@ -357,8 +358,11 @@ def test_preprocess_resize_and_imagenet_norm():
 def test_build_from_config():
     disc = build_dino_discriminator(GanArchConfig(), load_weights=False, extractor=tiny_vit())
     assert len(disc.heads) == 5 and disc.heads[0].res[0].kernel_size == (9,)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="recipe"):
         build_dino_discriminator(GanArchConfig(recipe="B_16"), load_weights=False, extractor=tiny_vit())
+    with pytest.raises(NotAvailableError, match="dino_ckpt_path") as e:  # S_8 needs its weights
+        build_dino_discriminator(GanArchConfig(dino_ckpt_path="/nonexistent/dino.pth"))
+    assert "\n" not in str(e.value) and "disc_weight=0" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -380,7 +384,9 @@ def test_gen_losses_hand_values():
     f = torch.tensor([[1.0, -3.0], [0.0, 2.0]])
     torch.testing.assert_close(gen_loss("hinge", f), torch.tensor(0.0))
     exp = (math.log1p(math.exp(-1)) + math.log1p(math.exp(3)) + math.log(2) + math.log1p(math.exp(-2))) / 4
-    torch.testing.assert_close(gen_loss("vanilla", f), torch.tensor(exp))
+    torch.testing.assert_close(gen_loss("non-saturating", f), torch.tensor(exp))
+    torch.testing.assert_close(gen_loss("vanilla", f), torch.tensor(0.0))  # §6.7: L_gan = -mean D(fake)
+    torch.testing.assert_close(gen_loss("vanilla", f + 1), torch.tensor(-1.0))
     with pytest.raises(ValueError):
         gen_loss("ls", f)
 

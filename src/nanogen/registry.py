@@ -90,7 +90,15 @@ TOKENIZERS: dict[str, Entry] = {
         None,  # no params: the size comes from misc.latent_size
         "pixel space: encode = 2x - 1 (the generator works on pixels in [-1, 1]; JiT, PixelGen, PixNerd, nano)",
     ),
+    "kl-vae": Entry(
+        "nanogen.stage1.kl_vae:from_params",
+        "nanogen.stage1.kl_vae:KLVAEParams",
+        "a trainable KL-VAE (diffusers AutoencoderKL) for train-stage1; export it, then use it as vae_type nano-vae",
+    ),
 }
+
+# Tokenizers that only stage-1 training builds (stage 2 loads their exported weights through another entry).
+TRAIN_ONLY_TOKENIZERS = {"kl-vae": "stage_1: {target: vae, params: {vae_type: nano-vae}} with misc.weights.nano-vae: <export dir>"}
 
 # The reference's `target:` import strings, accepted when reading its configs.
 ALIASES: dict[str, str] = {

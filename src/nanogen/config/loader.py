@@ -227,7 +227,13 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had."""
+    """Mappings merge key by key; anything else in ``top`` replaces what ``base`` had.
+
+    A model block (``stage_1`` / ``stage_2``: ``{target, params}``) whose ``target`` changes starts its ``params``
+    afresh: parameters belong to the component they were written for (so ``stage_1.target=vae
+    stage_1.params={vae_type: ...}`` switches a latent space in one override)."""
+    if "target" in top and "params" in base and base.get("target") not in (None, top["target"]):
+        base = {k: v for k, v in base.items() if k != "params"}
     out = dict(base)
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):

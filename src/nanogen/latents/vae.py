@@ -66,6 +66,15 @@ VAE_TYPES: dict[str, VAEType] = {
     "flux2": VAEType("black-forest-labs/FLUX.2-dev", "vae", "AutoencoderKLFlux2", 128, 16, None, None),
 }
 
+# VAEs nanogen trains itself (``nanogen train-stage1``): no hub id; the default source is the recipe's export dir.
+# name -> (type, the stage-1 config that trains it)
+LOCAL_VAE_TYPES: dict[str, tuple[VAEType, str]] = {
+    "nano-vae": (
+        VAEType("results/nano-vae/export", None, "AutoencoderKL", 4, 4, None, None),
+        "configs/stage1/nano/nano-vae.yaml",
+    ),
+}
+
 FLUX2_BN_EPS = 1e-5
 
 
@@ -74,8 +83,10 @@ def env_key(vae_type: str) -> str:
 
 
 def lookup(vae_type: str) -> VAEType:
+    if vae_type in LOCAL_VAE_TYPES:
+        return LOCAL_VAE_TYPES[vae_type][0]
     if vae_type not in VAE_TYPES:
-        raise ConfigError(f"unknown vae_type '{vae_type}'; valid: {', '.join(VAE_TYPES)}")
+        raise ConfigError(f"unknown vae_type '{vae_type}'; valid: {', '.join([*VAE_TYPES, *LOCAL_VAE_TYPES])}")
     return VAE_TYPES[vae_type]
 
 
@@ -176,6 +187,13 @@ class VAELatents(nn.Module):
             vae = cls.from_pretrained(path, subfolder=subfolder)
         except (OSError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160].rstrip(".")
+            if vae_type in LOCAL_VAE_TYPES:
+                recipe = LOCAL_VAE_TYPES[vae_type][1]
+                raise NotAvailableError(
+                    f"cannot load VAE '{vae_type}' from '{path}' ({first}); nanogen trains this one itself: run "
+                    f"`nanogen train-stage1 -c {recipe}` (it exports to {spec.hub_id}), or point "
+                    f"misc.weights.{vae_type} (or ${env_key(vae_type)}) at another export"
+                ) from None
             raise NotAvailableError(
                 f"cannot load VAE '{vae_type}' from '{path}'"
                 + (f" (subfolder '{subfolder}')" if subfolder else "")

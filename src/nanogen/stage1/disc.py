@@ -337,22 +337,44 @@ class DinoDiscriminator(nn.Module):
         return torch.cat([head(f) for head, f in zip(self.heads, feats, strict=True)], dim=1)
 
 
+# Recipes: the reference's DINO ViT-S/8 at 224 px, and a tiny one for CPU tests and the nano tier's smoke runs
+# (random frozen features unless a checkpoint is given; not a substitute for the real discriminator).
+RECIPES = {
+    "S_8": dict(img_size=224, patch_size=8, embed_dim=384, depth=12, num_heads=6, hooks=(2, 5, 8, 11)),
+    "tiny": dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, hooks=(0, 1, 2, 3)),
+}
+
+
 def build_dino_discriminator(
     cfg=None, load_weights: bool = True, extractor: ViT | None = None
 ) -> DinoDiscriminator:
-    """Build from a ``GanArchConfig`` (``recipe`` must be ``S_8``; ``ks``, ``norm_type``, ``using_spec_norm``).
+    """Build from a ``GanArchConfig`` (``recipe`` ``S_8`` or ``tiny``; ``ks``, ``norm_type``, ``using_spec_norm``).
 
-    With ``load_weights`` the ViT-S/8 weights are read from ``cfg.dino_ckpt_path`` (K-bias zeroed on load).
+    With ``load_weights`` the ViT weights are read from ``cfg.dino_ckpt_path`` (K-bias zeroed on load); the
+    ``tiny`` recipe may leave ``dino_ckpt_path`` empty (random frozen features).
     """
+    from nanogen.errors import CheckpointError, ConfigError, NotAvailableError
+
     recipe = getattr(cfg, "recipe", "S_8")
-    if recipe != "S_8":
-        raise ValueError(f"unknown discriminator recipe {recipe!r} (only 'S_8')")
+    if recipe not in RECIPES:
+        raise ConfigError(f"gan.arch.recipe: unknown discriminator recipe '{recipe}' (available: {', '.join(RECIPES)})")
     if extractor is None:
-        extractor = vit_small_patch8()
-        if load_weights:
-            if cfg is None:
-                raise ValueError("load_weights=True needs a config with dino_ckpt_path")
-            load_dino_vit(extractor, cfg.dino_ckpt_path)
+        extractor = ViT(**RECIPES[recipe])
+        path = getattr(cfg, "dino_ckpt_path", None)
+        if load_weights and (path or recipe == "S_8"):
+            if not path or not os.path.isfile(os.path.expanduser(path)):
+                raise NotAvailableError(
+                    f"gan.arch.dino_ckpt_path: the DINO ViT-S/8 discriminator weights are not at '{path}'; download "
+                    f"dino_deitsmall8_pretrain.pth (facebookresearch/dino) to that path, or set gan.loss.disc_weight=0 "
+                    f"to train without the GAN term"
+                )
+            try:
+                load_dino_vit(extractor, os.path.expanduser(path))
+            except (KeyError, RuntimeError, OSError) as e:
+                raise CheckpointError(
+                    f"gan.arch.dino_ckpt_path: '{path}' is not a {recipe} DINO ViT checkpoint "
+                    f"({' '.join(str(e).split())[:200]})"
+                ) from None
     return DinoDiscriminator(
         extractor,
         ks=getattr(cfg, "ks", 9),

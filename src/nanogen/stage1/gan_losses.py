@@ -4,7 +4,9 @@ All logits are any-shape tensors (the DINO discriminator gives ``(B, 5 · tokens
 
 * hinge D loss:   ``½ [mean relu(1 − D(real)) + mean relu(1 + D(fake))]``
 * vanilla D loss: ``½ [mean softplus(−D(real)) + mean softplus(D(fake))]``
-* hinge G loss:   ``−mean D(fake)``;   vanilla G loss: ``mean softplus(−D(fake))``
+* G loss: ``−mean D(fake)`` for both ``hinge`` and ``vanilla`` -- §6.7 states ``L_gan = −mean(D(aug(2x̂−1)))`` with
+  the stage-1 configs' ``gen_loss: vanilla``, so that is what the reference's "vanilla" generator computes.
+  ``non-saturating`` (``mean softplus(−D(fake))``, the textbook non-saturating loss) is offered as a nanogen extra.
 * adaptive weight: ``λ = clamp(‖∇_W L_rec‖ / (‖∇_W L_gan‖ + 1e-6), 0, max_d_weight)``, detached (Frobenius norms over
   the whole parameter ``W``, the decoder's last layer weight).
 * 8-bit quantisation of fakes for the D step: ``round((clamp(x, −1, 1) + 1) · 127.5) / 127.5 − 1`` (round half to
@@ -44,11 +46,16 @@ def hinge_g_loss(logits_fake: Tensor) -> Tensor:
 
 
 def vanilla_g_loss(logits_fake: Tensor) -> Tensor:
+    """The reference's generator loss under ``gen_loss: vanilla`` (§6.7): ``−mean D(fake)``."""
+    return -logits_fake.mean()
+
+
+def non_saturating_g_loss(logits_fake: Tensor) -> Tensor:
     return F.softplus(-logits_fake).mean()
 
 
 _D = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
-_G = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
+_G = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss, "non-saturating": non_saturating_g_loss}
 
 
 def disc_loss(kind: str, logits_real: Tensor, logits_fake: Tensor) -> Tensor:
