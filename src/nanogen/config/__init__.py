@@ -31,10 +31,10 @@ __all__ = [
 # Widths of the text encoders we know, so configs resolve without loading the encoder.
 TEXT_ENCODER_WIDTHS = {"Qwen/Qwen3-0.6B": 1024, "minilm": 384, "sentence-transformers/all-MiniLM-L6-v2": 384}
 
-# Widths (z_dim) of the §6.5 encoders nanogen cannot build yet; the built ones report theirs
-# (nanogen.encoders.encoder_width).
-PLANNED_ENCODER_WIDTHS = {"dinov3-vit-b16": 768, "dinov3-vit-l16": 1024, "pe-vit-l": 1024, "spatialpe-vit-l": 1024,
-                          "langpe-vit-l": 1024}  # fmt: skip
+# Widths (z_dim) of §6.5 encoders that nanogen's registry does not know yet (none at present); the registry's
+# encoders report theirs, built or not (nanogen.encoders.encoder_width: dinov2/3, siglip2, mae, pe, spatialpe,
+# langpe, convnextv2, and the unbuildable eupe, tipsv2).
+PLANNED_ENCODER_WIDTHS: dict[str, int] = {}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Stage2Config:

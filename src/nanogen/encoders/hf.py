@@ -1,4 +1,5 @@
-"""SigLIP2 and MAE representation encoders on Hugging Face ``transformers`` models (spec ``reference.md`` §6.5).
+"""SigLIP2, MAE, DINOv3 and ConvNeXt V2 representation encoders on Hugging Face ``transformers`` models (spec
+``reference.md`` §6.5).
 
 The name -> hub id tables and the loading live in ``nanogen.encoders.base`` (``build_encoder``); these classes
 wrap an already loaded model. WebSSL reuses ``base.DINOv2`` (same Dinov2 architecture, no registers).
@@ -91,3 +92,67 @@ class MAE(RepresentationEncoder):
         h = out.hidden_states[-1]  # the last block's output, before the final LayerNorm
         h = F.layer_norm(h, (h.shape[-1],), eps=self.model.layernorm.eps)
         return EncoderFeatures(cls=None, patches=h[:, 1:])
+
+
+class DINOv3(RepresentationEncoder):
+    """DINOv3 ViT (``DINOv3ViTModel``), patch 16, RoPE positions (§6.5 ``dinov3``).
+
+    Preprocess: [-1, 1] -> [0, 1], Resize(R, R) bilinear with antialias, ImageNet mean/std. The RoPE angles come
+    from the patch-centre coordinates normalised to [-1, 1] for whatever grid the input gives (R = 256: 16 x 16),
+    so no position table is resampled; the train-time coordinate augmentations are off (the encoder stays in
+    eval mode). Output: the last block's tokens through a **non-affine** LayerNorm (eps of the model's final
+    norm), unless ``affine_norm``; CLS = token 0, patches = the tokens after CLS and the
+    ``config.num_register_tokens`` registers.
+    """
+
+    def __init__(self, model: nn.Module, name: str, resolution: int = 256, affine_norm: bool = False):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.embed_dim = model.config.hidden_size
+        self.num_registers = model.config.num_register_tokens
+        self.input_size = resolution
+        self.affine_norm = affine_norm
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    def forward(self, images: Tensor) -> EncoderFeatures:
+        x = (images.float() + 1) / 2
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            size = (self.input_size, self.input_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        h = out.hidden_states[-1]  # the last block's output, before the final norm
+        norm = self.model.norm
+        h = norm(h) if self.affine_norm else F.layer_norm(h, (h.shape[-1],), eps=norm.eps)
+        return EncoderFeatures(cls=h[:, 0], patches=h[:, 1 + self.num_registers :])
+
+
+class ConvNeXtV2(RepresentationEncoder):
+    """ConvNeXt V2 backbone (``ConvNextV2Model``, §6.5 ``convnextv2``).
+
+    Preprocess: [-1, 1] -> [0, 1], bilinear resize to 224 (fixed, whatever R), ImageNet mean/std. Output: the
+    last stage's feature map (B, C, h, w) flattened row-major to tokens (B, h * w, C) (224 px: 7 x 7 = 49),
+    without the pooled head's LayerNorm; ConvNeXt has no CLS token (``cls=None``).
+    """
+
+    input_size = 224
+
+    def __init__(self, model: nn.Module, name: str, resolution: int = 256):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.embed_dim = model.config.hidden_sizes[-1]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    def forward(self, images: Tensor) -> EncoderFeatures:
+        x = (images.float() + 1) / 2
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = (x - self.mean) / self.std
+        h = self.model(pixel_values=x).last_hidden_state  # (B, C, h, w): the last stage
+        return EncoderFeatures(cls=None, patches=h.flatten(2).transpose(1, 2))
