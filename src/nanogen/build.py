@@ -174,6 +174,11 @@ def load_train_images(cfg: Stage2Config) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def needs_images(cfg: Stage2Config) -> bool:
+    """Whether the objective reads the pixel images besides the latents (REPA / REG encoder, perceptual losses)."""
+    return bool(cfg.repa.use_repa or cfg.repa.use_reg or cfg.perceptual_loss.encoders)
+
+
 def check_runnable(cfg: Stage2Config) -> None:
     """Fail before any work if some part of the config is not buildable (so no training time is lost)."""
     from nanogen.encoders.base import default_source
@@ -190,7 +195,11 @@ def check_runnable(cfg: Stage2Config) -> None:
         for name, _ in parse_perceptual(cfg.perceptual_loss.encoders, cfg.perceptual_loss.percep_loss_weights):
             if name != "lpips":
                 default_source(name)
-    if cfg.dataset.type != "builtin":
+    if cfg.dataset.latents_dir:  # pre-extracted latents: they must match this config's tokenizer and data
+        from nanogen.data.latent_shards import check_meta, read_meta
+
+        check_meta(read_meta(cfg.dataset.latents_dir), cfg, cfg.dataset.latents_dir)
+    if cfg.dataset.type != "builtin" and (not cfg.dataset.latents_dir or needs_images(cfg)):
         load_train_images(cfg)
     if cfg.eval is not None:
         check_metrics(cfg)

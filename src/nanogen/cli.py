@@ -359,6 +359,60 @@ def make_parser() -> Parser:
                    help="fetch frozen models into the Hugging Face cache by nanogen name (e.g. dinov2-vit-b) or hub id")
     p.add_argument("--data-dir", default="./data", help="where datasets go (default ./data)")
 
+    # pre-computation over a config's training images (nanogen.latents.extract)
+    def cmd_compute_stats(args: argparse.Namespace) -> int:
+        from nanogen.latents.extract import run_compute_stats
+
+        run_compute_stats(args.config, args.overrides, args.out, args.compare, args.num, args.batch_size)
+        return 0
+
+    def cmd_extract_latents(args: argparse.Namespace) -> int:
+        from nanogen.latents.extract import run_extract_latents
+
+        run_extract_latents(args.config, args.overrides, args.out, args.flip, args.shard_size, args.batch_size,
+                            args.dtype, args.num)  # fmt: skip
+        return 0
+
+    p = add("compute-stats", cmd_compute_stats, "per-element latent mean / variance of an RAE encoder (its normalisation stats file)",
+            "Runs the config's tokenizer (a stage-1 or a stage-2 config) over its training images without noise\n"
+            "and without normalisation, accumulates the per-element mean and population variance of the (C, H, W)\n"
+            "latents in float64 (merged across torchrun processes) and writes torch.save({'mean', 'var'}), the file\n"
+            "stage_1.params.normalization_stat_path reads (spec reference.md §6.4). The statistics are an RAE thing:\n"
+            "for a VAE or pixel config they are computed over the tokenizer's own (already normalised) latents.\n"
+            "--compare REF also prints the largest differences from an existing stats file.\n\n"
+            "examples:\n"
+            "  nanogen compute-stats -c configs/stage1/rae-dinov2-vit-b-vitxl.yaml\n"
+            "      -> results/stats/dinov2-vit-b-256px-imagenet.pt (default --out)\n"
+            "  nanogen compute-stats -c CONFIG --num 10000 --compare pretrained_models/stats/dinov2-vit-b.pt\n"
+            "  torchrun --nproc_per_node=8 -m nanogen compute-stats -c CONFIG --out stats.pt")
+    _config_args(p)
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="where to write (default: <run.results_dir>/stats/<encoder>-<resolution>px-<dataset>.pt)")
+    p.add_argument("--compare", default=None, metavar="PATH", help="an existing stats file to compare the result with")
+    p.add_argument("--num", type=int, default=None, help="use a fixed random subset of N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call and process (default 64)")
+
+    p = add("extract-latents", cmd_extract_latents, "encode a stage-2 config's training images once into latent shards that training reads",
+            "Encodes the training images with the config's frozen tokenizer (eval mode) into shard-NNNNN.safetensors\n"
+            "(latents, labels, index; latents_flip with --flip) plus meta.json. 'nanogen train ... dataset.latents_dir=DIR'\n"
+            "then reads them instead of encoding every step (the reference re-encodes each step: about +27% FLOPs\n"
+            "with the SD-VAE) and gets the same loss on the same batch. With --flip, training takes the mirrored copy\n"
+            "of each sample with probability 1/2. Pre-extracted latents cannot carry per-step RAE noise augmentation\n"
+            "(stage-2 configs use noise_tau 0). Rerunning the command skips the shards already written.\n\n"
+            "examples:\n"
+            "  nanogen extract-latents -c configs/stage2/training/imagenet/NAME.yaml --flip\n"
+            "      -> results/latents/NAME/ (default --out: <run.results_dir>/latents/<run.name>)\n"
+            "  nanogen train -c configs/stage2/training/imagenet/NAME.yaml dataset.latents_dir=results/latents/NAME")
+    _config_args(p)
+    p.add_argument("--out", default=None, metavar="DIR", help="shard directory (default: <run.results_dir>/latents/<run.name>)")
+    p.add_argument("--flip", action="store_true", help="also store the latents of the horizontally flipped images")
+    p.add_argument("--shard-size", type=int, default=4096, help="latents per shard file (default 4096)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per encoder call and process (default: the training micro-batch, which makes the shards "
+                        "bit-identical to on-the-fly encoding)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype (default float32: exact)")
+    p.add_argument("--num", type=int, default=None, help="extract a fixed random subset of N images (default: all)")
+
     p = add("train-stage1", not_yet("train-stage1 (RAE decoder training)", "the stage-1 issue"), "train a stage-1 decoder (not available yet)")
     _config_args(p, required=False)
     p = add("eval-stage1", not_yet("eval-stage1 (reconstruction metrics)", "the stage-1 issue"), "evaluate a stage-1 tokenizer (not available yet)")

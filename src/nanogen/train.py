@@ -38,6 +38,7 @@ from nanogen.build import (
     sampler_settings,
 )
 from nanogen.config import Stage2Config, dump_yaml
+from nanogen.data.latent_shards import open_for_training as open_latents
 from nanogen.data.loader import TensorLoader
 from nanogen.ema import EMA
 from nanogen.errors import UserError
@@ -114,10 +115,14 @@ def train(cfg: Stage2Config) -> TrainResult:
         )
 
     # ---- data ----
-    images, labels = load_train_images(cfg)
-    check_images(to_unit(images), f"dataset '{cfg.dataset.target}'")  # once, so the loop needs no host sync
     micro = _micro_batch(cfg, info.world_size)
-    loader = TensorLoader(images, labels, batch_size=micro, seed=cfg.dataset.seed, rank=info.rank, world_size=info.world_size)
+    pre_encoded = cfg.dataset.latents_dir is not None  # shards from `nanogen extract-latents`: no encoder in the loop
+    if pre_encoded:
+        loader = open_latents(cfg, micro, info.rank, info.world_size)  # batches (z, y, images or None)
+    else:
+        images, labels = load_train_images(cfg)
+        check_images(to_unit(images), f"dataset '{cfg.dataset.target}'")  # once, so the loop needs no host sync
+        loader = TensorLoader(images, labels, batch_size=micro, seed=cfg.dataset.seed, rank=info.rank, world_size=info.world_size)
     steps_per_epoch = tc.virtual_epoch_steps or max(1, len(loader) // tc.grad_accum_steps)
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
 
@@ -211,12 +216,16 @@ def train(cfg: Stage2Config) -> TrainResult:
     try:
         while step < total_steps:
             for micro_i in range(tc.grad_accum_steps):
-                x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
+                if pre_encoded:
+                    z, y, x = (t.to(info.device, non_blocking=True) if t is not None else None for t in next(batches))
+                else:
+                    x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
                 sync = micro_i == tc.grad_accum_steps - 1 or not info.enabled
                 ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
                 with ctx, torch.autocast(**autocast):
-                    with torch.no_grad():
-                        z = tokenizer.encode(to_unit(x), check=False)  # the data were range-checked at load
+                    if not pre_encoded:
+                        with torch.no_grad():
+                            z = tokenizer.encode(to_unit(x), check=False)  # the data were range-checked at load
                     out = wrapped(z, conditioner(y), null, images=x)
                     loss = out["loss"] / tc.grad_accum_steps
                 loss.backward()

@@ -73,6 +73,7 @@ class DatasetConfig:
     shuffle_buffer: int = 10000
     seed: int = 42
     num_workers: int | None = None  # None = training.num_workers
+    latents_dir: str | None = None  # pre-extracted latent shards (`nanogen extract-latents`) read instead of encoding each step
 
 
 @dataclass

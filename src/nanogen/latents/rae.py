@@ -379,10 +379,8 @@ class RAE(nn.Module):
             return z
         return z * torch.sqrt(self.latent_var + self.eps) + self.latent_mean
 
-    def encode(self, images: Tensor, *, check: bool = True) -> Tensor:
-        """Images in [0, 1] (B, 3, H, W) -> latents (B, C, g, g); noise ``sigma * n``, ``sigma ~ U(0, tau)``
-        per sample, only in train mode. (The reference guesses the range: max <= 1 means [0, 1]; nanogen
-        requires [0, 1] and says so when the batch is outside it.)"""
+    def _tokens(self, images: Tensor, check: bool) -> Tensor:
+        """Images in [0, 1] -> the frozen encoder's patch tokens (B, N, C), float32."""
         if check:
             check_images(images, "RAE encode")
         x = images.float()
@@ -390,16 +388,30 @@ class RAE(nn.Module):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
         with torch.no_grad():
             z = self.encoder(x * 2 - 1).patches.float()  # (B, N, C); nanogen's encoders take [-1, 1]
-        b, n, c = z.shape
-        if n != self.num_tokens or c != self.latent_dim:
+        if z.shape[1:] != (self.num_tokens, self.latent_dim):
             raise ValueError(
-                f"RAE encoder gave tokens {(n, c)}, expected {(self.num_tokens, self.latent_dim)}"
+                f"RAE encoder gave tokens {tuple(z.shape[1:])}, expected {(self.num_tokens, self.latent_dim)}"
             )
+        return z
+
+    def _to_grid(self, z: Tensor) -> Tensor:
+        """(B, N, C) tokens, row-major -> (B, C, g, g)."""
+        return z.transpose(1, 2).reshape(z.shape[0], self.latent_dim, self.grid, self.grid)
+
+    def encode_raw(self, images: Tensor, *, check: bool = True) -> Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> the encoder's latents (B, C, g, g) with **no** noise and **no**
+        normalisation, in any mode: what the §6.4 statistics are computed over."""
+        return self._to_grid(self._tokens(images, check))
+
+    def encode(self, images: Tensor, *, check: bool = True) -> Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> latents (B, C, g, g); noise ``sigma * n``, ``sigma ~ U(0, tau)``
+        per sample, only in train mode. (The reference guesses the range: max <= 1 means [0, 1]; nanogen
+        requires [0, 1] and says so when the batch is outside it.) ``encode_raw`` + noise + normalisation."""
+        z = self._tokens(images, check)
         if self.training and self.noise_tau > 0:
-            sigma = torch.rand(b, 1, 1, device=z.device, dtype=z.dtype) * self.noise_tau
-            z = z + sigma * torch.randn_like(z)
-        z = z.transpose(1, 2).reshape(b, c, self.grid, self.grid)
-        return self._normalize(z)
+            sigma = torch.rand(z.shape[0], 1, 1, device=z.device, dtype=z.dtype) * self.noise_tau
+            z = z + sigma * torch.randn_like(z)  # on the tokens, before the reshape, as the reference does
+        return self._normalize(self._to_grid(z))
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, C, g, g) -> images (B, 3, 16g, 16g) in [0, 1] nominal range (not clamped)."""
