@@ -223,6 +223,120 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _load_stage1(args: argparse.Namespace, extra: list[str] | None = None):
+    from nanogen.config import load_stage1_config
+
+    return load_stage1_config(args.config, [*(extra or []), *args.overrides])
+
+
+def cmd_train_stage1(args: argparse.Namespace) -> int:
+    from nanogen.log import print0
+    from nanogen.stage1.train import train_stage1
+
+    extra = [f"run.name={args.name}"] if args.name else []
+    if args.results_dir:
+        extra.append(f"run.results_dir={args.results_dir}")
+    cfg = _load_stage1(args, extra)
+    if args.print_config:
+        from nanogen.config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    _print_config(cfg)
+    res = train_stage1(cfg)
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in res.final.items() if k in ("loss", "l1", "lpips", "kl", "gan", "d_acc"))
+    print0(
+        f"done: step {res.step}, {res.images_per_s:.1f} img/s, {losses or 'no steps trained in this call'}, "
+        f"run dir {res.run_dir}, export {res.export_dir}"
+    )
+    return 0
+
+
+def cmd_eval_stage1(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from nanogen import parallel
+    from nanogen.log import print0
+    from nanogen.stage1.evaluate import evaluate_reconstruction, load_eval_images
+    from nanogen.viz import save_grid
+
+    cfg = _load_stage1(args)
+    if cfg.eval is None or not cfg.eval.datasets:
+        raise UserError(
+            "eval-stage1: the config has no eval.datasets; add one, e.g. "
+            "'eval={datasets: {mnist: {type: builtin, split: heldout, metrics: [psnr, ssim, rfid]}}}'"
+        )
+    metrics = args.metrics.split(",") if args.metrics else None
+    info = parallel.init(cfg.run.device)
+    recon, what = load_stage1_tokenizer(cfg, args.ckpt, args.weights, info.device)
+    out_dir = Path(args.out) if args.out else Path(cfg.run.results_dir).expanduser() / str(cfg.run.name) / "evals"
+    results = {}
+    for name, ds in cfg.eval.datasets.items():
+        images = load_eval_images(name, ds, cfg.training.image_size, args.num)
+        res, preview = evaluate_reconstruction(
+            recon, images, metrics or ds.metrics, info.device, args.batch_size or ds.batch_size,
+            lpips_quirk=args.lpips_batch_mean, desc=f"eval-stage1 {name}",
+        )  # fmt: skip
+        results[name] = res
+        print0(f"{name} ({what}):")
+        for k, v in res.items():
+            print0(f"  {k:28s} {v:.6g}")
+        if info.is_main:
+            save_grid(_recon_grid(images[: len(preview)], preview), out_dir / f"recon-{name}.png", nrow=len(preview), scale=2)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "stage1_eval.json").write_text(json.dumps({"tokenizer": what, "results": results}, indent=2) + "\n")
+        print0(f"wrote {out_dir / 'stage1_eval.json'} and recon-*.png (top: originals, bottom: reconstructions)")
+    return 0
+
+
+def _recon_grid(originals, recons):
+    """Originals over reconstructions, both [0, 1], as one [-1, 1] batch for ``save_grid``."""
+    import torch
+
+    return torch.cat([originals, recons]) * 2 - 1
+
+
+def load_stage1_tokenizer(cfg, ckpt_path: str | None, weights: str, device):
+    """(images in [0, 1] -> reconstructions, a description) for eval-stage1: a trained stage-1 checkpoint, or a
+    pretrained tokenizer straight from its config (a VAE by hub id / local dir, an RAE with its decoder)."""
+    import torch
+
+    from nanogen import checkpoint as ckpt
+    from nanogen import registry
+    from nanogen.config.loader import build
+
+    name, entry = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
+    if name == "pixel":
+        raise UserError("eval-stage1: stage_1.target 'pixel' reconstructs exactly; evaluate a VAE, an RAE or a kl-vae")
+    if name in ("rae", "kl-vae"):
+        from nanogen.stage1.train import Reconstruct, build_stage1_model, trainable_part
+
+        model = build_stage1_model(cfg).to(device).eval()
+        what = f"{name}, untrained decoder" if name == "rae" and not cfg.stage_1.params.get("pretrained_decoder_path") else name
+        if ckpt_path:
+            state = ckpt.read(ckpt_path)
+            if weights not in state:
+                raise UserError(f"eval-stage1 --weights: checkpoint '{ckpt_path}' has no '{weights}' entry")
+            ckpt.load_weights(trainable_part(model), state[weights], f"checkpoint '{ckpt_path}' ({weights})")
+            what = f"{name}, {weights} weights of {ckpt_path} (step {state.get('step', '?')})"
+        elif name == "kl-vae" and not cfg.stage_1.params.get("init_from"):
+            raise UserError("eval-stage1: a kl-vae config needs --ckpt (a train-stage1 checkpoint) or stage_1.params.init_from")
+        fn = Reconstruct(model)
+        return (lambda x: fn(x)[0]), what
+    if ckpt_path:
+        raise UserError(f"eval-stage1 --ckpt: '{name}' tokenizers load pretrained weights from their config, not a checkpoint")
+    params = build(entry.config_cls(), cfg.stage_1.params, source="config", prefix="stage_1.params")
+    tok = entry.load()(params, cfg.misc.weights).to(device).eval()
+
+    def recon(x):
+        with torch.no_grad():
+            return tok.decode(tok.encode(x))
+
+    return recon, f"{name} {cfg.stage_1.params}"
+
+
 def not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
     def fn(args: argparse.Namespace) -> int:
         raise NotAvailableError(f"{what} is not available in this nanogen release yet ({issue})")
@@ -413,10 +527,38 @@ def make_parser() -> Parser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype (default float32: exact)")
     p.add_argument("--num", type=int, default=None, help="extract a fixed random subset of N images (default: all)")
 
-    p = add("train-stage1", not_yet("train-stage1 (RAE decoder training)", "the stage-1 issue"), "train a stage-1 decoder (not available yet)")
-    _config_args(p, required=False)
-    p = add("eval-stage1", not_yet("eval-stage1 (reconstruction metrics)", "the stage-1 issue"), "evaluate a stage-1 tokenizer (not available yet)")
-    _config_args(p, required=False)
+    p = add("train-stage1", cmd_train_stage1, "train a stage-1 tokenizer: an RAE decoder, or the nano KL-VAE",
+            "Trains with L1 + LPIPS (VGG) + a DINO-discriminator GAN, the adaptive generator weight, DiffAug, EMA\n"
+            "and the epoch-based discriminator schedule of the reference (spec reference.md §6.7). Writes checkpoints\n"
+            "(resumable: rerun the same command), recon.png (originals over EMA reconstructions), loss.png, and at\n"
+            "the end export/: the EMA tokenizer ready for stage 2.\n\n"
+            "examples:\n"
+            "  nanogen train-stage1 -c configs/stage1/nano/nano-vae.yaml            the nano VAE on the built-in digits\n"
+            "  nanogen train-stage1 -c configs/stage1/rae-dinov2-vit-b-vitxl.yaml   an RAE decoder (ImageNet data)\n"
+            "  nanogen train-stage1 -c CONFIG gan.loss.disc_weight=0               no discriminator")
+    _config_args(p)
+    p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
+    p.add_argument("--results-dir", default=None, help="parent directory of runs (default: results)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p = add("eval-stage1", cmd_eval_stage1, "reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS",
+            "Reconstructs every image of each eval.datasets entry and reports psnr_mean_per_image (the mean of\n"
+            "per-image PSNRs), ssim_tm_mean_per_image (torchmetrics SSIM), lpips_vgg_mean_per_image and\n"
+            "rfid_vs_ref_images (spec evaluation.md). Works on a train-stage1 checkpoint (--ckpt) or directly on a\n"
+            "pretrained tokenizer config (a VAE by hub id or local dir, an RAE with pretrained_decoder_path).\n"
+            "Writes <run dir>/evals/stage1_eval.json and recon-<dataset>.png.\n\n"
+            "examples:\n"
+            "  nanogen eval-stage1 -c configs/stage1/nano/nano-vae.yaml --ckpt results/nano-vae/checkpoints/step-0002000.pt\n"
+            "  nanogen eval-stage1 -c configs/stage1/nano/nano-vae.yaml stage_1.target=vae \\\n"
+            "      'stage_1.params={vae_type: sdvae-ema, resolution: 32}'     a pretrained VAE on the digits")
+    _config_args(p)
+    p.add_argument("--ckpt", default=None, help="a train-stage1 checkpoint (its EMA weights unless --weights model)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights of --ckpt (default ema)")
+    p.add_argument("--num", type=int, default=None, help="images per data set (default: each entry's num_samples)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: each entry's batch_size)")
+    p.add_argument("--metrics", default=None, help="comma-separated subset of psnr,ssim,lpips,rfid (default: the config's)")
+    p.add_argument("--lpips-batch-mean", action="store_true",
+                   help="reproduce the reference's LPIPS quirk (each batch's mean broadcast to its images)")
+    p.add_argument("--out", default=None, help="output directory (default: <run dir>/evals)")
     p = add("configs", cmd_configs, "list the built-in configs, by folder",
             "Lists the built-in configs (the reference's zoo under the same names, plus the nano tier).\n\n"
             "examples:\n  nanogen configs\n  nanogen configs imagenet rae     only paths containing every word")

@@ -134,6 +134,11 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
 
     # --- names resolve through the registries ---
     name1, entry1 = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
+    if name1 in registry.TRAIN_ONLY_TOKENIZERS:
+        raise ConfigError(
+            f"stage_1.target: '{name1}' is a stage-1 training target (nanogen train-stage1); a stage-2 run loads its "
+            f"exported weights with {registry.TRAIN_ONLY_TOKENIZERS[name1]}"
+        )
     cfg.stage_1.target = name1
     params1 = registry.build_params(entry1, cfg.stage_1.params, "stage_1.params")  # strict, typed
     cfg.stage_1.params = to_dict(params1) if params1 is not None else {}

@@ -259,7 +259,7 @@ class GanArchConfig:
     ks: int = 9
     norm_type: str = "bn"
     using_spec_norm: bool = True
-    recipe: str = "S_8"
+    recipe: str = "S_8"  # "S_8" (DINO ViT-S/8, the reference) | "tiny" (a 4-block width-32 ViT for CPU tests)
 
 
 @dataclass
@@ -271,7 +271,7 @@ class GanAugmentConfig:
 @dataclass
 class GanLossConfig:
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
-    gen_loss: Literal["hinge", "vanilla"] = "vanilla"
+    gen_loss: Literal["hinge", "vanilla", "non-saturating"] = "vanilla"  # hinge and vanilla: -mean D(fake) (§6.7)
     disc_weight: float = 0.75
     perceptual_weight: float = 1.0
     disc_start: int = 8  # epoch at which the generator's adversarial term starts
@@ -299,4 +299,5 @@ class Stage1Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     gan: GanConfig = field(default_factory=GanConfig)
     eval: EvalConfig | None = None
+    misc: MiscConfig = field(default_factory=MiscConfig)  # only misc.weights is read: frozen networks by name -> local path or hub id
     run: RunConfig = field(default_factory=RunConfig)
