@@ -213,7 +213,8 @@ def test_compute_stats_on_a_stage2_vae_config(tmp_path, tiny_vae, small_data):
     from nanogen.build import build_tokenizer
 
     out = tmp_path / "vae-stats.pt"
-    assert main(["compute-stats", *vae_args(tiny_vae, tmp_path), "--num", "40", "--out", str(out)]) == 0
+    # --num-images: the spelling of --num that survives torchrun's own option parser
+    assert main(["compute-stats", *vae_args(tiny_vae, tmp_path), "--num-images", "40", "--out", str(out)]) == 0
     saved = torch.load(out)
     from nanogen.latents.extract import subset
 

@@ -498,12 +498,14 @@ def make_parser() -> Parser:
             "  nanogen compute-stats -c configs/stage1/rae-dinov2-vit-b-vitxl.yaml\n"
             "      -> results/stats/dinov2-vit-b-256px-imagenet.pt (default --out)\n"
             "  nanogen compute-stats -c CONFIG --num 10000 --compare pretrained_models/stats/dinov2-vit-b.pt\n"
-            "  torchrun --nproc_per_node=8 -m nanogen compute-stats -c CONFIG --out stats.pt")
+            "  torchrun --nproc_per_node=8 -m nanogen compute-stats -c CONFIG --num-images 100000 --out stats.pt")
     _config_args(p)
     p.add_argument("--out", default=None, metavar="PATH",
                    help="where to write (default: <run.results_dir>/stats/<encoder>-<resolution>px-<dataset>.pt)")
     p.add_argument("--compare", default=None, metavar="PATH", help="an existing stats file to compare the result with")
-    p.add_argument("--num", type=int, default=None, help="use a fixed random subset of N images (default: all)")
+    p.add_argument("--num", "--num-images", dest="num", type=int, default=None, metavar="N",
+                   help="use a fixed random subset of N images (default: all; spell it --num-images under torchrun, "
+                        "whose own parser takes --num for --numa-binding)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call and process (default 64)")
 
     p = add("extract-latents", cmd_extract_latents, "encode a stage-2 config's training images once into latent shards that training reads",
@@ -525,7 +527,8 @@ def make_parser() -> Parser:
                    help="images per encoder call and process (default: the training micro-batch, which makes the shards "
                         "bit-identical to on-the-fly encoding)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype (default float32: exact)")
-    p.add_argument("--num", type=int, default=None, help="extract a fixed random subset of N images (default: all)")
+    p.add_argument("--num", "--num-images", dest="num", type=int, default=None, metavar="N",
+                   help="extract a fixed random subset of N images (default: all; --num-images under torchrun)")
 
     p = add("train-stage1", cmd_train_stage1, "train a stage-1 tokenizer: an RAE decoder, or the nano KL-VAE",
             "Trains with L1 + LPIPS (VGG) + a DINO-discriminator GAN, the adaptive generator weight, DiffAug, EMA\n"
