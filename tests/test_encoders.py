@@ -57,7 +57,7 @@ def test_env_var_source_and_offline_error(tiny_dinov2, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(NotAvailableError, match="cannot load representation encoder 'dinov2-vit-b'.*NANOGEN_ENCODER_DINOV2_VIT_B"):
         build_encoder("dinov2-vit-b", str(tmp_path / "missing"))
-    with pytest.raises(NotAvailableError, match="not available"):
+    with pytest.raises(ConfigError, match="unknown representation encoder 'convnextv2-vit-b'; valid: .*convnextv2-cnn-base"):
         build_encoder("convnextv2-vit-b")
     with pytest.raises(ConfigError, match="type-arch-config"):
         build_encoder("dinov2")

@@ -348,7 +348,7 @@ def test_eupe_and_tipsv2_are_named_but_not_buildable(name):
              "convnextv2-cnn-b", "eupe-vit-l16", "tipsv2-vit-h14"],
 )  # fmt: skip
 def test_unknown_configs_raise_and_list_the_new_names(name):
-    with pytest.raises(NotAvailableError, match=f"'{name}' is not available") as e:
+    with pytest.raises(ConfigError, match=f"unknown representation encoder '{name}'") as e:
         build_encoder(name)
     for listed in ["dinov3-vit-b16", "dinov3-vit-7b16", "pe-vit-l", "spatialpe-vit-l", "langpe-vit-g",
                    "pe-vit-lnorm", "convnextv2-cnn-base"]:  # fmt: skip

@@ -216,7 +216,7 @@ def test_hub_ids_and_widths():
     "name", ["siglip2-vit-h", "mae-vit-s", "mae-vit-g", "webssl-vit-mae300m_full2b_224", "webssl-vit-b"]
 )
 def test_unknown_configs_raise(name):
-    with pytest.raises(NotAvailableError, match=f"'{name}' is not available.*siglip2-vit-so400m"):
+    with pytest.raises(ConfigError, match=f"unknown representation encoder '{name}'.*siglip2-vit-so400m"):
         build_encoder(name)
 
 

@@ -141,6 +141,8 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
         )
     cfg.stage_1.target = name1
     params1 = registry.build_params(entry1, cfg.stage_1.params, "stage_1.params")  # strict, typed
+    if hasattr(params1, "check"):
+        params1.check()
     cfg.stage_1.params = to_dict(params1) if params1 is not None else {}
     name2, entry2 = registry.lookup(registry.MODELS, cfg.stage_2.target, "stage_2.target")
     cfg.stage_2.target = name2
@@ -201,6 +203,8 @@ def resolve_stage1(cfg: Stage1Config, default_name: str | None = None) -> Stage1
     name, entry = registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")
     cfg.stage_1.target = name
     params = registry.build_params(entry, cfg.stage_1.params, "stage_1.params")
+    if hasattr(params, "check"):
+        params.check()
     cfg.stage_1.params = to_dict(params) if params is not None else {}
     tc, loss = cfg.training, cfg.gan.loss
     for path, value, ok, rule in [

@@ -216,10 +216,7 @@ def default_source(name: str) -> str:
     if size in UNPACKAGED_WIDTHS.get(kind, {}):
         why = UNPACKAGED_WHY[kind]
         raise NotAvailableError(f"representation encoder '{name}' cannot be built by nanogen: {why}")
-    raise NotAvailableError(
-        f"representation encoder '{name}' is not available in this nanogen release yet; available: "
-        + ", ".join(_available())
-    )
+    raise ConfigError(f"unknown representation encoder '{name}'; valid: " + ", ".join(_available()))
 
 
 def env_key(name: str) -> str:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nanogen.errors import CheckpointError, ConfigError
+from nanogen.errors import CheckpointError, ConfigError, UserError
 from nanogen.latents.base import check_images
 
 DECODER_PATCH_SIZE = 16
@@ -456,6 +456,17 @@ class RAEParams:
     noise_tau: float = 0.8  # train-time noise augmentation (stage-1 configs 0.8; stage-2 configs 0)
     normalization_stat_path: str | None = None
     eps: float = 1e-5
+
+    def check(self) -> None:
+        """Config-time checks (no weights touched): a known encoder name, a 16-multiple resolution."""
+        from nanogen.encoders.base import default_source
+
+        try:
+            default_source(self.encoder_name)  # unknown names: one line listing the valid ones
+        except UserError as e:
+            raise type(e)(f"stage_1.params.encoder_name: {e}") from None
+        if self.resolution % DECODER_PATCH_SIZE:
+            raise ConfigError(f"stage_1.params.resolution: must be a multiple of {DECODER_PATCH_SIZE}, got {self.resolution}")
 
 
 def _builtin_path(path: str) -> str:

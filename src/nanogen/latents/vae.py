@@ -310,6 +310,15 @@ class VAEParams:
     sample_mode: str = "mode"  # "mode" (posterior mode, the reference's default) | "sample"
     eps: float = FLUX2_BN_EPS  # FLUX.2 BatchNorm epsilon
 
+    def check(self) -> None:
+        """Config-time checks (no weights touched): a known vae_type and sample_mode."""
+        try:
+            lookup(self.vae_type)
+        except ConfigError as e:
+            raise ConfigError(f"stage_1.params.vae_type: {e}") from None
+        if self.sample_mode not in ("mode", "sample"):
+            raise ConfigError(f"stage_1.params.sample_mode: must be 'mode' or 'sample', got '{self.sample_mode}'")
+
 
 def from_params(params: VAEParams, weights: dict[str, str] | None = None) -> VAELatents:
     """Build from typed params; ``weights`` (``misc.weights``) may map the vae_type to a local dir or hub id."""
