@@ -134,7 +134,9 @@ class FlowObjective(nn.Module):
         images: the clean images in [-1, 1] for the frozen encoder (default: x, i.e. pixel space)."""
         B = x.shape[0]
         t = self.sample_t(B, x.device)
-        eps = torch.randn_like(x)
+        # drawn in logical (row-major) order, not x's memory layout: the same latents give the same noise
+        # whether they come channels-last from a VAE encoder or contiguous from extracted shards
+        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype)
         tb = _bcast(t, x)
         x_t = (1 - tb) * x + tb * eps
         if self.cfg_dropout_prob > 0:

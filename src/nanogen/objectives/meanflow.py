@@ -269,7 +269,9 @@ class MeanFlowObjective(nn.Module):
             t, r = t.to(tdtype), r.to(tdtype)
         else:
             t, r = self.sample_t(B, x.device).to(tdtype), None
-        eps = torch.randn_like(x)
+        # drawn in logical (row-major) order, not x's memory layout: the same latents give the same noise
+        # whether they come channels-last from a VAE encoder or contiguous from extracted shards
+        eps = torch.randn(x.shape, device=x.device, dtype=x.dtype)
         drop = torch.rand(B, device=x.device) < self.cfg_dropout_prob
         return self.compute_loss(x, eps, t, r, cond, null, drop)
 
