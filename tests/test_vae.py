@@ -335,7 +335,8 @@ def test_offline_missing_model_names_hub_id(monkeypatch):
     assert (
         "REPA-E/e2e-vavae-hf" in msg
         and "NANOGEN_VAE_E2E_VAVAE" in msg
-        and "source" in msg
+        and "nanogen prepare --models e2e-vavae" in msg
+        and "misc.weights.e2e-vavae" in msg
         and "\n" not in msg
     )
 

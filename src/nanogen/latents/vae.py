@@ -197,8 +197,8 @@ class VAELatents(nn.Module):
             raise NotAvailableError(
                 f"cannot load VAE '{vae_type}' from '{path}'"
                 + (f" (subfolder '{subfolder}')" if subfolder else "")
-                + f": {first}; it needs network access once (`nanogen prepare`) to fetch {spec.hub_id}, or a local "
-                f"directory via the `source` argument or ${env_key(vae_type)}"
+                + f": {first}; fetch {spec.hub_id} once with `nanogen prepare --models {vae_type}` (needs network), or give a local "
+                f"directory via misc.weights.{vae_type} (or ${env_key(vae_type)})"
             ) from None
         vae.eval().requires_grad_(False)
         self.vae = vae

@@ -276,7 +276,8 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
     eval_sets = {
         name: load_eval_images(name, ds, tc.image_size) for name, ds in (cfg.eval.datasets if cfg.eval else {}).items()
     }
-    preview = next(iter(eval_sets.values()))[:8] if eval_sets else to_unit(images[:8])
+    pool = next(iter(eval_sets.values())) if eval_sets else to_unit(images)
+    preview = pool[torch.linspace(0, len(pool) - 1, min(8, len(pool))).long()]  # spread over the set (and classes)
     n_train = sum(p.numel() for p in part.parameters() if p.requires_grad)
     print0(
         f"run {run_dir} | stage 1 {cfg.stage_1.target}, {n_train / 1e6:.2f}M trainable params | {world} process(es) "
