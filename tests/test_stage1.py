@@ -252,3 +252,16 @@ def test_nano_recipe_loads():
     cfg = load_stage1_config(NANO)
     assert cfg.stage_1.target == "kl-vae" and cfg.run.name == "nano-vae"
     assert cfg.gan.loss.disc_weight == 0 and cfg.gan.loss.perceptual_weight == 0  # no offline weights: said in the file
+
+
+def test_nano_latent_config_matches_the_nano_vae_recipe():
+    """The stage-2 nano config in VAE latents agrees with what the stage-1 recipe exports (4 x 32/4 x 32/4)."""
+    from nanogen.config import load_config
+
+    s1 = load_stage1_config(NANO)
+    s2 = load_config("configs/stage2/training/nano/ddt-xs-nanovae-vpred-t4c8.yaml")
+    p = s1.stage_1.params
+    down = 2 ** (len(p["block_out_channels"]) - 1)
+    assert s2.misc.latent_size == [p["latent_channels"], p["resolution"] // down, p["resolution"] // down]
+    assert s2.stage_1.target == "vae" and s2.stage_1.params["vae_type"] == "nano-vae"
+    assert s2.stage_1.params["resolution"] == p["resolution"] == s2.training.image_size
