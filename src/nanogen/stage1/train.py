@@ -57,7 +57,7 @@ class Stage1Result:
     images_per_s: float = 0.0
     final: dict[str, float] = field(default_factory=dict)  # last logged losses
     wall_s: float = 0.0
-    evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> {"<dataset>/<metric>": value}
     export_dir: Path | None = None
 
 
@@ -324,7 +324,7 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
                 res, _ = evaluate_reconstruction(
                     recon_eval, imgs, ds.metrics, info.device, ds.batch_size, desc=f"eval {name}{tag}"
                 )
-                result.evals[step] = res
+                result.evals.setdefault(step, {}).update({f"{name}/{k}": v for k, v in res.items()})
                 print0(f"eval {name}{tag} [ema]: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
                 metrics.log(step, **{f"eval_{name}/{k}": v for k, v in res.items()})
                 if info.is_main:
