@@ -117,6 +117,21 @@ class EncoderFeatures:
 class RepresentationEncoder(nn.Module):
     name: str
     embed_dim: int
+    input_size: int
+
+    def set_input_norm(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The per-channel normalisation of this encoder's input (buffers: no host copy per call)."""
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images: Tensor, mode: str, antialias: bool = False) -> Tensor:
+        """nanogen images in [-1, 1] -> [0, 1] -> resized to ``input_size`` (if needed) with ``mode`` ->
+        ``(x - mean) / std``: the shared first step of every encoder (each names its own resize mode)."""
+        x = (images.float() + 1) / 2
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            size = (self.input_size, self.input_size)
+            x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
+        return (x - self.mean) / self.std
 
     def freeze(self) -> RepresentationEncoder:
         self.eval()
@@ -145,15 +160,11 @@ class DINOv2(RepresentationEncoder):
         self.num_registers = getattr(model.config, "num_register_tokens", 0)
         self.input_size = 224 * resolution // 256
         self.affine_norm = affine_norm
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_input_norm(IMAGENET_MEAN, IMAGENET_STD)
         self.freeze()
 
     def forward(self, images: Tensor) -> EncoderFeatures:
-        x = (images.float() + 1) / 2
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-        x = (x - self.mean) / self.std
+        x = self.preprocess(images, "bicubic")
         out = self.model(pixel_values=x, output_hidden_states=True)
         h = out.hidden_states[-1]  # the last block's output, before the final LayerNorm
         ln = self.model.layernorm

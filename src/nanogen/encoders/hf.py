@@ -14,12 +14,6 @@ from torch import Tensor, nn
 from nanogen.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderFeatures, RepresentationEncoder
 
 
-def _resize(x: Tensor, size: int) -> Tensor:
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-    return x
-
-
 class SigLIP2(RepresentationEncoder):
     """SigLIP2 vision tower, patch 16 (§6.5 ``siglip2``).
 
@@ -40,11 +34,11 @@ class SigLIP2(RepresentationEncoder):
         self.embed_dim = model.config.hidden_size
         self.input_size = resolution
         self.strip_affine = strip_affine
+        self.set_input_norm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.freeze()
 
     def forward(self, images: Tensor) -> EncoderFeatures:
-        x = _resize((images.float() + 1) / 2, self.input_size)
-        x = (x - 0.5) / 0.5
+        x = self.preprocess(images, "bicubic")
         interpolate = self.input_size != self.model.config.image_size
         out = self.model(
             pixel_values=x, output_hidden_states=self.strip_affine, interpolate_pos_encoding=interpolate
@@ -76,13 +70,11 @@ class MAE(RepresentationEncoder):
         self.embed_dim = model.config.hidden_size
         self.patch_size = model.config.patch_size
         self.input_size = resolution
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_input_norm(IMAGENET_MEAN, IMAGENET_STD)
         self.freeze()
 
     def forward(self, images: Tensor) -> EncoderFeatures:
-        x = _resize((images.float() + 1) / 2, self.input_size)
-        x = (x - self.mean) / self.std
+        x = self.preprocess(images, "bicubic")
         n = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
         noise = torch.arange(n, device=x.device, dtype=torch.float32).expand(x.shape[0], n)
         interpolate = self.input_size != self.model.config.image_size
@@ -113,16 +105,11 @@ class DINOv3(RepresentationEncoder):
         self.num_registers = model.config.num_register_tokens
         self.input_size = resolution
         self.affine_norm = affine_norm
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_input_norm(IMAGENET_MEAN, IMAGENET_STD)
         self.freeze()
 
     def forward(self, images: Tensor) -> EncoderFeatures:
-        x = (images.float() + 1) / 2
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            size = (self.input_size, self.input_size)
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
+        x = self.preprocess(images, "bilinear", antialias=True)
         out = self.model(pixel_values=x, output_hidden_states=True)
         h = out.hidden_states[-1]  # the last block's output, before the final norm
         norm = self.model.norm
@@ -145,14 +132,10 @@ class ConvNeXtV2(RepresentationEncoder):
         self.model = model
         self.name = name
         self.embed_dim = model.config.hidden_sizes[-1]
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.set_input_norm(IMAGENET_MEAN, IMAGENET_STD)
         self.freeze()
 
     def forward(self, images: Tensor) -> EncoderFeatures:
-        x = (images.float() + 1) / 2
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
+        x = self.preprocess(images, "bilinear")
         h = self.model(pixel_values=x).last_hidden_state  # (B, C, h, w): the last stage
         return EncoderFeatures(cls=None, patches=h.flatten(2).transpose(1, 2))

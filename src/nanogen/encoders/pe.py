@@ -133,15 +133,11 @@ class PerceptionEncoder(RepresentationEncoder):
         self.embed_dim = model.embed_dim
         self.input_size = model.patch_embed.img_size[0]
         self.ln_post = ln_post
+        self.set_input_norm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.freeze()
 
     def forward(self, images: Tensor) -> EncoderFeatures:
-        x = (images.float() + 1) / 2
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
-            )
-        x = (x - 0.5) / 0.5
+        x = self.preprocess(images, "bilinear")
         has_cls = self.model.num_prefix_tokens > 0
         (out,) = self.model.forward_intermediates(
             x, indices=[len(self.model.blocks) - 1], norm=self.ln_post, output_fmt="NLC",
