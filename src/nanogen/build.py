@@ -12,7 +12,7 @@ from torch import nn
 
 from nanogen import registry
 from nanogen.conditioning import LabelConditioner
-from nanogen.config import Stage2Config, shift_dim
+from nanogen.config import Stage1Config, Stage2Config, shift_dim
 from nanogen.config.loader import build
 from nanogen.errors import NotAvailableError, UserError
 from nanogen.eval.generate import SamplerSettings
@@ -158,8 +158,8 @@ def build_objective(cfg: Stage2Config, net: nn.Module, frozen: Frozen | None = N
     )  # fmt: skip
 
 
-def load_train_images(cfg: Stage2Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], labels) for in-memory datasets."""
+def load_train_images(cfg: Stage2Config | Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], labels) for in-memory datasets (stage 1 and stage 2 read ``dataset`` the same way)."""
     if cfg.dataset.type == "builtin" and cfg.dataset.target == "mnist":
         from nanogen.data.nano import load_nano
 
@@ -170,7 +170,7 @@ def load_train_images(cfg: Stage2Config) -> tuple[torch.Tensor, torch.Tensor]:
         raise UserError(f"dataset.target: unknown built-in dataset '{cfg.dataset.target}'; the built-in one is 'mnist'")
     raise NotAvailableError(
         f"dataset: '{cfg.dataset.target}' ({cfg.dataset.type}) data is not available in this nanogen release yet; "
-        f"the built-in nano tier runs with task=nano"
+        f"the built-in digits run with dataset={{type: builtin, target: mnist}} (task=nano for stage 2)"
     )
 
 

@@ -37,7 +37,7 @@ from nanogen.build import (
     load_train_images,
     sampler_settings,
 )
-from nanogen.config import Stage2Config, dump_yaml
+from nanogen.config import Stage1Config, Stage2Config, dump_yaml
 from nanogen.data.latent_shards import open_for_training as open_latents
 from nanogen.data.loader import TensorLoader
 from nanogen.ema import EMA
@@ -115,7 +115,7 @@ def train(cfg: Stage2Config) -> TrainResult:
         )
 
     # ---- data ----
-    micro = _micro_batch(cfg, info.world_size)
+    micro = micro_batch(cfg, info.world_size)
     pre_encoded = cfg.dataset.latents_dir is not None  # shards from `nanogen extract-latents`: no encoder in the loop
     if pre_encoded:
         loader = open_latents(cfg, micro, info.rank, info.world_size)  # batches (z, y, images or None)
@@ -261,12 +261,12 @@ def train(cfg: Stage2Config) -> TrainResult:
                 loss_sum.zero_()
                 loss_count = 0
                 t_log, step_log = time.time(), step
-            if tc.sample_every and step % tc.sample_every == 0 and step != total_steps:
+            due = periodic(step, total_steps, steps_per_epoch, tc, cfg.eval)
+            if due.samples:
                 save_samples()
-            at_epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % max(1, tc.checkpoint_interval) == 0
-            if step != total_steps and (at_epoch_end or (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0)):
+            if due.checkpoint:
                 save_checkpoint()
-            if cfg.eval is not None and cfg.eval.eval_interval and step % cfg.eval.eval_interval == 0 and step != total_steps:
+            if due.eval:
                 run_eval(f" @ step {step}")
     except KeyboardInterrupt:
         bar.close()
@@ -293,6 +293,26 @@ def train(cfg: Stage2Config) -> TrainResult:
     return result
 
 
+@dataclass
+class Due:
+    samples: bool
+    checkpoint: bool
+    eval: bool
+
+
+def periodic(step: int, total_steps: int, steps_per_epoch: int, tc: Any, eval_cfg: Any) -> Due:
+    """What the loop owes after optimizer step ``step`` (sample grid, checkpoint, evaluation), shared by the
+    stage-1 and stage-2 loops. Nothing at the last step: the end of the run does all three itself."""
+    if step == total_steps:
+        return Due(False, False, False)
+    at_epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % max(1, tc.checkpoint_interval) == 0
+    return Due(
+        samples=bool(tc.sample_every) and step % tc.sample_every == 0,
+        checkpoint=at_epoch_end or bool(tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0),
+        eval=eval_cfg is not None and bool(eval_cfg.eval_interval) and step % eval_cfg.eval_interval == 0,
+    )
+
+
 def _extra_state(objective: torch.nn.Module) -> Any:
     """The objective's own resumable state (MeanFlow's branch schedule), if its class defines one."""
     if type(objective).get_extra_state is torch.nn.Module.get_extra_state:
@@ -300,7 +320,8 @@ def _extra_state(objective: torch.nn.Module) -> Any:
     return objective.get_extra_state()
 
 
-def _micro_batch(cfg: Stage2Config, world: int) -> int:
+def micro_batch(cfg: Stage2Config | Stage1Config, world: int) -> int:
+    """The per-process batch: ``training.global_batch_size`` split over processes and accumulation steps."""
     tc = cfg.training
     if tc.global_batch_size is None:
         return tc.batch_size

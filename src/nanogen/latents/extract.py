@@ -241,14 +241,6 @@ def encode_shard(tokenizer: nn.Module, images: Tensor, batch_size: int, device: 
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def micro_batch(cfg: Stage2Config, world_size: int) -> int:
-    """The per-process training batch (``training.global_batch_size`` split over processes and accumulation)."""
-    tc = cfg.training
-    if tc.global_batch_size is None:
-        return tc.batch_size
-    return max(1, tc.global_batch_size // (world_size * tc.grad_accum_steps))
-
-
 def default_latents_dir(cfg: Stage2Config) -> Path:
     """``<run.results_dir>/latents/<run.name>``."""
     return Path(cfg.run.results_dir).expanduser() / "latents" / str(cfg.run.name)
@@ -275,6 +267,8 @@ def run_extract_latents(
     images, labels = _load_images(cfg)
     index = subset(len(images), num, cfg.dataset.seed)
     info = parallel.init(cfg.run.device)
+    from nanogen.train import micro_batch  # the training batch: identical conv rounding, so identical latents
+
     batch_size = batch_size or micro_batch(cfg, info.world_size)
     tokenizer = build_any_tokenizer(cfg).to(info.device)  # eval mode: no RAE noise augmentation
     with torch.no_grad():  # the tokenizer's output layout, which training hands back (see latent_shards.layout)

@@ -169,40 +169,20 @@ def discriminator_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data
-
-
-def load_stage1_images(cfg: Stage1Config) -> Tensor:
-    """Training images in [-1, 1] (nanogen's data convention); the loop hands [0, 1] to the tokenizer."""
-    from nanogen.errors import NotAvailableError
-
-    ds = cfg.dataset
-    if ds.type == "builtin" and ds.target == "mnist":
-        from nanogen.data.nano import load_nano
-
-        return load_nano(ds.split if isinstance(ds.split, str) else ds.split[0], cfg.training.image_size).images
-    if ds.type == "builtin":
-        raise UserError(f"dataset.target: unknown built-in dataset '{ds.target}'; the built-in one is 'mnist'")
-    raise NotAvailableError(
-        f"dataset: '{ds.target}' ({ds.type}) data is not available in this nanogen release yet; stage-1 training "
-        f"runs on the built-in digits (dataset={{type: builtin, target: mnist}})"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The loop
 
 
 def train_stage1(cfg: Stage1Config) -> Stage1Result:
+    from nanogen.build import load_train_images
     from nanogen.stage1.diffaug import DiffAug
     from nanogen.stage1.evaluate import check_stage1_metrics, evaluate_reconstruction, load_eval_images
-    from nanogen.train import ensure_writable
+    from nanogen.train import ensure_writable, micro_batch, periodic, write_config
 
     tc, gl = cfg.training, cfg.gan.loss
     use_gan, use_lpips = gl.disc_weight > 0, gl.perceptual_weight > 0
     if cfg.eval is not None:
         check_stage1_metrics(cfg.eval.datasets)
-    images = load_stage1_images(cfg)  # data problems surface before any model is built
+    images, _ = load_train_images(cfg)  # data problems surface before any model is built (labels unused)
     check_images(to_unit(images), f"dataset '{cfg.dataset.target}'")
 
     info = parallel.init(cfg.run.device)
@@ -237,9 +217,7 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
         augment = DiffAug.from_config(cfg.gan.augment)
     ema = EMA(part, tc.ema_decay)
     world = info.world_size
-    micro = tc.global_batch_size // world if tc.global_batch_size else tc.batch_size
-    if tc.global_batch_size and tc.global_batch_size % world:
-        raise UserError(f"training.global_batch_size: {tc.global_batch_size} is not divisible by {world} processes")
+    micro = micro_batch(cfg, world)
     loader = TensorLoader(images, batch_size=micro, seed=cfg.dataset.seed, rank=info.rank, world_size=world)
     steps_per_epoch = tc.virtual_epoch_steps or max(1, len(loader))
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
@@ -266,7 +244,7 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
         step, d_steps = int(state["step"]), int(state.get("disc_steps", 0))
         print0(f"resumed from {existing} at step {step}")
     if info.is_main:
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        write_config(cfg, run_dir, step)
     torch.manual_seed(tc.global_seed * 7919 + info.rank + step)
     if existing is not None and "rng" in state and world == 1:
         ckpt.set_rng_state(state["rng"])
@@ -406,12 +384,12 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
                 sums.clear()
                 n_logged = 0
                 t_log, step_log = time.time(), step
-            if tc.sample_every and step % tc.sample_every == 0 and step != total_steps:
+            due = periodic(step, total_steps, steps_per_epoch, tc, cfg.eval)
+            if due.samples:
                 save_recon_picture()
-            at_epoch_end = step % steps_per_epoch == 0 and (step // steps_per_epoch) % max(1, tc.checkpoint_interval) == 0
-            if step != total_steps and (at_epoch_end or (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0)):
+            if due.checkpoint:
                 save_checkpoint()
-            if cfg.eval is not None and cfg.eval.eval_interval and step % cfg.eval.eval_interval == 0 and step != total_steps:
+            if due.eval:
                 run_eval(f" @ step {step}")
     except KeyboardInterrupt:
         bar.close()
