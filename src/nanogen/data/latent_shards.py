@@ -3,9 +3,10 @@
 
 The reference encodes every batch on the fly (spec ``reference.md`` §6.1), which costs about +27% training
 FLOPs with the SD-VAE. The shards hold exactly what the tokenizer returns for each training image (eval mode,
-float32 by default, handed back in the tokenizer's memory layout), so stage 2 computes the same loss on the same
-batch either way. Bit for bit when the extraction ran at the training micro-batch size on the same kind of
-device (extract-latents' default batch size): CPU convolutions round differently at other batch sizes (~1e-7).
+float32 by default), so stage 2 computes the same loss on the same batch either way (the objectives draw their
+noise in logical order, so the latents' memory layout does not matter). Bit for bit when the extraction ran at
+the training micro-batch size on the same kind of device (extract-latents' default batch size): CPU
+convolutions round differently at other batch sizes (~1e-7).
 
     <latents_dir>/
         meta.json                  what produced the shards; training checks it against its config
@@ -72,17 +73,8 @@ def source_fields(cfg: Stage2Config) -> dict[str, Any]:
     return json.loads(json.dumps(fields))
 
 
-def layout(z: Tensor) -> str:
-    """'channels_last' or 'contiguous': the memory layout a tokenizer returns (VAE convolutions and the RAE's
-    token reshape give channels-last tensors). Training restores it, because ``randn_like`` draws the noise in
-    memory order: the same values in another layout would get different noise, hence a different loss."""
-    if z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "contiguous"
-
-
 def make_meta(
-    cfg: Stage2Config, count: int, shard_size: int, dtype: str, flip: bool, memory_layout: str
+    cfg: Stage2Config, count: int, shard_size: int, dtype: str, flip: bool
 ) -> dict[str, Any]:
     from nanogen import __version__
 
@@ -95,7 +87,6 @@ def make_meta(
         "num_shards": num_shards(count, shard_size),
         "dtype": dtype,
         "flip": flip,
-        "layout": memory_layout,  # of the tokenizer's output; the shards themselves are stored contiguous
     }
 
 
@@ -185,10 +176,9 @@ class LatentBatches:
 
     def __init__(
         self, data: dict[str, Tensor], batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-        images: Tensor | None = None, memory_layout: str = "contiguous",
+        images: Tensor | None = None,
     ):  # fmt: skip
         self.has_flip = "latents_flip" in data
-        self.channels_last = memory_layout == "channels_last"
         tensors = [data["latents"], data["labels"], data["index"]]
         if self.has_flip:
             tensors.append(data["latents_flip"])
@@ -226,8 +216,7 @@ class LatentBatches:
                 x = self.images[index]
                 if flip is not None:
                     x = torch.where(flip, x.flip(-1), x)
-            z = z.float()
-            yield z.contiguous(memory_format=torch.channels_last) if self.channels_last else z, y, x
+            yield z.float(), y, x
 
 
 def open_for_training(cfg: Stage2Config, batch_size: int, rank: int = 0, world_size: int = 1) -> LatentBatches:
@@ -245,4 +234,4 @@ def open_for_training(cfg: Stage2Config, batch_size: int, rank: int = 0, world_s
     if needs_images(cfg):
         images, _ = load_train_images(cfg)
         check_images(to_unit(images), f"dataset '{cfg.dataset.target}'")
-    return LatentBatches(data, batch_size, cfg.dataset.seed, rank, world_size, images, meta.get("layout", "contiguous"))
+    return LatentBatches(data, batch_size, cfg.dataset.seed, rank, world_size, images)

@@ -271,9 +271,7 @@ def run_extract_latents(
 
     batch_size = batch_size or micro_batch(cfg, info.world_size)
     tokenizer = build_any_tokenizer(cfg).to(info.device)  # eval mode: no RAE noise augmentation
-    with torch.no_grad():  # the tokenizer's output layout, which training hands back (see latent_shards.layout)
-        probe = tokenizer.encode(to_unit(images[index[:batch_size]].to(info.device)), check=False)
-    meta = fmt.make_meta(cfg, len(index), shard_size, dtype, flip, fmt.layout(probe))
+    meta = fmt.make_meta(cfg, len(index), shard_size, dtype, flip)
     if (root / fmt.META).is_file():  # a rerun continues only what the same settings started
         old = fmt.read_meta(root)
         diff = next(((k, old.get(k), v) for k, v in meta.items() if k != "nanogen_version" and old.get(k) != v), None)
