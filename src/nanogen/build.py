@@ -41,12 +41,30 @@ def build_network(cfg: Stage2Config) -> nn.Module:
     return entry.load()(params)
 
 
-def build_conditioner(cfg: Stage2Config) -> LabelConditioner:
+def build_conditioner(cfg: Stage2Config, device: torch.device | str = "cpu"):
+    """Labels -> ``LabelConditioner``; text -> the frozen text encoder (§3.6) behind a ``TextConditioner``, in
+    bf16 when training is, with the config's embedding cache. Its width must be the network's context_dim."""
     if cfg.conditioning.type == "label":
         return LabelConditioner(cfg.misc.num_classes)
-    raise NotAvailableError(
-        "conditioning.type: text conditioning is not available in this nanogen release yet; use task=nano or task=imagenet"
-    )
+    from nanogen.encoders.text import EmbeddingCache, TextConditioner, TextEncoder
+
+    te = cfg.conditioning.text_encoder
+    assert te is not None  # resolve() requires it for text conditioning
+    dtype = torch.bfloat16 if cfg.training.precision == "bf16" else torch.float32
+    encoder = TextEncoder(te.model_name, te.max_length, device, dtype, cfg.misc.weights)
+    if encoder.width != cfg.conditioning.context_dim:
+        raise UserError(
+            f"conditioning.text_encoder: '{te.model_name}' has width {encoder.width} but the network is built for "
+            f"context_dim {cfg.conditioning.context_dim}; use the text encoder the model was trained with, or set "
+            f"conditioning.context_dim={encoder.width} for a new model"
+        )
+    cache_dir = te.cache_dir
+    if cache_dir == "auto":
+        from nanogen.eval.evaluate import cache_dir as nanogen_cache
+
+        cache_dir = str(nanogen_cache() / "text")
+    cache = EmbeddingCache(encoder.identity(), cache_dir)
+    return TextConditioner(encoder, cache, out_dtype=torch.float32)
 
 
 def train_shift(cfg: Stage2Config) -> float:
@@ -185,7 +203,6 @@ def check_runnable(cfg: Stage2Config) -> None:
     from nanogen.eval.evaluate import check_metrics
 
     registry.lookup(registry.TOKENIZERS, cfg.stage_1.target, "stage_1.target")  # planned tokenizers: "not available yet"
-    build_conditioner(cfg)
     build_objective(cfg, nn.Identity())
     if cfg.repa.use_repa or cfg.repa.use_reg:
         default_source(cfg.repa.target_encoder)  # a known encoder name (loading happens in train)

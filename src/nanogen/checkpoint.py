@@ -173,6 +173,12 @@ def load_weights(net: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        ctx = "ctx_embedder.norm.weight"
+        if ctx in sd and ctx in own and sd[ctx].shape != own[ctx].shape:  # the text-encoder width, in plain words
+            parts.append(
+                f"the checkpoint was trained with a text encoder of width {sd[ctx].shape[0]}, the config's has "
+                f"{own[ctx].shape[0]} (conditioning.text_encoder / conditioning.context_dim): use the checkpoint's encoder"
+            )
         raise CheckpointError(f"{source} does not match the model built from the config; " + "; ".join(parts))
     net.load_state_dict(sd)
 

@@ -4,6 +4,9 @@ A ``Cond`` is what the network's condition tokens are made from: class labels (B
 (B, L, C) with a key mask (B, L). The null condition (label ``num_classes``, or the encoding of "" for
 text) drives classifier-free guidance: it replaces the condition with probability ``cfg_dropout_prob``
 during training and forms the unconditional half of the batch when sampling with CFG.
+
+A conditioner turns what the data gives (labels, or captions) into a ``Cond``: ``LabelConditioner`` here,
+``TextConditioner`` in ``encoders/text.py``. Both are called as ``conditioner(batch_conditions, device)``.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ class LabelConditioner:
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
 
-    def __call__(self, labels: Tensor) -> Cond:
-        return Cond(labels.long())
+    def __call__(self, labels: Tensor, device: torch.device | str | None = None) -> Cond:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"a label-conditioned model needs class labels, got {type(labels).__name__}")
+        return Cond(labels.long().to(device) if device is not None else labels.long())
 
     def null(self, batch: int, device: torch.device | str = "cpu") -> Cond:
         return Cond(torch.full((batch,), self.num_classes, dtype=torch.long, device=device))

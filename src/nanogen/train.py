@@ -34,19 +34,18 @@ from nanogen.build import (
     build_tokenizer,
     check_runnable,
     load_frozen,
-    load_train_images,
     sampler_settings,
 )
 from nanogen.config import Stage1Config, Stage2Config, dump_yaml
+from nanogen.data import build_train_loader, known_captions
 from nanogen.data.latent_shards import open_for_training as open_latents
-from nanogen.data.loader import TensorLoader
 from nanogen.ema import EMA
 from nanogen.errors import UserError
 from nanogen.eval import generate as gen
-from nanogen.latents.base import check_images, to_unit
+from nanogen.latents.base import to_unit
 from nanogen.log import MetricsLog, append_csv, print0, progress, read_metrics
 from nanogen.optim import build_optimizer, build_scheduler
-from nanogen.viz import save_grid, save_loss_curve
+from nanogen.viz import save_captioned_grid, save_grid, save_loss_curve
 
 
 @dataclass
@@ -88,13 +87,22 @@ def write_config(cfg: Stage2Config, run_dir: Path, resumed_step: int) -> None:
     tmp.replace(path)
 
 
-def sample_grid(cfg: Stage2Config, objective, tokenizer, conditioner, device: torch.device, per_class: int = 8) -> torch.Tensor:
-    """A fixed grid: one row per class (up to 10 classes), fixed noise, so grids compare across steps."""
-    rows = min(cfg.misc.num_classes, 10)
-    idx = list(range(rows * per_class))
-    labels = torch.tensor([i // per_class for i in idx])
+def sample_grid(
+    cfg: Stage2Config, objective, tokenizer, conditioner, device: torch.device, per_row: int = 8
+) -> tuple[torch.Tensor, list[str] | None]:
+    """A fixed grid with fixed noise, so grids compare across steps: one row per class (up to 10 classes), or
+    for text models one row per prompt of ``data.grid_prompts`` (returned with the images)."""
+    prompts = None
+    if cfg.conditioning.type == "text":
+        from nanogen.data import grid_prompts
+
+        prompts = grid_prompts(cfg)
+        conds: torch.Tensor | list[str] = [p for p in prompts for _ in range(per_row)]
+    else:
+        conds = torch.arange(min(cfg.misc.num_classes, 10)).repeat_interleave(per_row)
+    idx = list(range(len(conds)))
     noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), 1234, device, gen.reg_dim(objective))
-    return gen.generate(objective, tokenizer, conditioner, labels, noise, sampler_settings(cfg))
+    return gen.generate(objective, tokenizer, conditioner, conds, noise, sampler_settings(cfg)), prompts
 
 
 def train(cfg: Stage2Config) -> TrainResult:
@@ -120,16 +128,17 @@ def train(cfg: Stage2Config) -> TrainResult:
     if pre_encoded:
         loader = open_latents(cfg, micro, info.rank, info.world_size)  # batches (z, y, images or None)
     else:
-        images, labels = load_train_images(cfg)
-        check_images(to_unit(images), f"dataset '{cfg.dataset.target}'")  # once, so the loop needs no host sync
-        loader = TensorLoader(images, labels, batch_size=micro, seed=cfg.dataset.seed, rank=info.rank, world_size=info.world_size)
+        loader = build_train_loader(cfg, micro, info.rank, info.world_size)  # batches (images, labels or captions)
     steps_per_epoch = tc.virtual_epoch_steps or max(1, len(loader) // tc.grad_accum_steps)
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
 
     # ---- model, objective, EMA, optimizer (same init on every rank, then broadcast) ----
     torch.manual_seed(tc.global_seed)
     tokenizer = build_tokenizer(cfg).to(info.device)
-    conditioner = build_conditioner(cfg)
+    conditioner = build_conditioner(cfg, info.device)
+    captions = known_captions(cfg) if not pre_encoded else None
+    if captions:  # a small, finite caption set: embed each caption once, before the first step
+        conditioner.warm(captions)
     net = build_network(cfg).to(info.device)
     parallel.broadcast_module(net)
     objective = build_objective(cfg, net, load_frozen(cfg)).to(info.device)
@@ -181,10 +190,13 @@ def train(cfg: Stage2Config) -> TrainResult:
         parallel.barrier()
 
     def save_samples() -> None:
-        grid = sample_grid(cfg, ema_objective, tokenizer, conditioner, info.device)
+        grid, prompts = sample_grid(cfg, ema_objective, tokenizer, conditioner, info.device)
         if info.is_main:
-            save_grid(grid, run_dir / "samples" / f"step-{step:07d}.png", nrow=8, scale=2)
-            save_grid(grid, run_dir / "samples.png", nrow=8, scale=2)
+            for path in (run_dir / "samples" / f"step-{step:07d}.png", run_dir / "samples.png"):
+                if prompts is None:
+                    save_grid(grid, path, nrow=8, scale=2)
+                else:
+                    save_captioned_grid(grid, prompts, path, nrow=8, scale=2)
 
     def run_eval(tag: str) -> None:
         """EMA weights always, raw weights too with eval.eval_model; metrics.jsonl + one CSV per weight kind."""
@@ -212,6 +224,7 @@ def train(cfg: Stage2Config) -> TrainResult:
     start_step = step
     batches = iter(loader)
     null = conditioner.null(1, info.device)  # the CFG-dropout condition, made once
+    last_counters: dict[str, int] = {}
     bar = progress(total_steps, "training", unit="step", initial=step)
     try:
         while step < total_steps:
@@ -219,14 +232,17 @@ def train(cfg: Stage2Config) -> TrainResult:
                 if pre_encoded:
                     z, y, x = (t.to(info.device, non_blocking=True) if t is not None else None for t in next(batches))
                 else:
-                    x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
+                    x, y = next(batches)
+                    x = as_model_images(x.to(info.device, non_blocking=True))
+                    if isinstance(y, torch.Tensor):
+                        y = y.to(info.device, non_blocking=True)
                 sync = micro_i == tc.grad_accum_steps - 1 or not info.enabled
                 ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
                 with ctx, torch.autocast(**autocast):
                     if not pre_encoded:
                         with torch.no_grad():
                             z = tokenizer.encode(to_unit(x), check=False)  # the data were range-checked at load
-                    out = wrapped(z, conditioner(y), null, images=x)
+                    out = wrapped(z, conditioner(y, info.device), null, images=x)
                     loss = out["loss"] / tc.grad_accum_steps
                 loss.backward()
                 # what the log shows: the loss itself, unless the objective names a more telling one
@@ -253,10 +269,14 @@ def train(cfg: Stage2Config) -> TrainResult:
                 dt = time.time() - t_log
                 ips = (step - step_log) * micro * info.world_size * tc.grad_accum_steps / max(dt, 1e-9)
                 lr = opt.param_groups[0]["lr"]
-                metrics.log(step, loss=mean_loss, lr=lr, images_per_s=round(ips, 2), epoch=step // steps_per_epoch)
+                counters = data_counters(loader, conditioner)  # skipped samples, truncated captions, ...: never silent
+                metrics.log(step, loss=mean_loss, lr=lr, images_per_s=round(ips, 2), epoch=step // steps_per_epoch, **counters)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                 if bar.disable:  # no live bar (NANOGEN_NO_PROGRESS=1, non-main rank): keep a plain log line
                     print0(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} {ips:.0f} img/s")
+                if counters != last_counters:
+                    print0("data: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items()))
+                    last_counters = counters
                 result.final_loss = mean_loss
                 loss_sum.zero_()
                 loss_count = 0
@@ -311,6 +331,20 @@ def periodic(step: int, total_steps: int, steps_per_epoch: int, tc: Any, eval_cf
         checkpoint=at_epoch_end or bool(tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0),
         eval=eval_cfg is not None and bool(eval_cfg.eval_interval) and step % eval_cfg.eval_interval == 0,
     )
+
+
+def as_model_images(x: torch.Tensor) -> torch.Tensor:
+    """Loader images -> float [-1, 1]. Streaming loaders send uint8 (4x less host traffic, and always in range);
+    the in-memory nano tier is float already (range-checked once when loaded)."""
+    return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
+
+
+def data_counters(loader: Any, conditioner: Any) -> dict[str, int]:
+    """The non-zero counters of the data path: corrupt samples skipped, non-UTF-8 / empty / truncated captions."""
+    out = dict(loader.stats()) if hasattr(loader, "stats") else {}
+    if hasattr(conditioner, "counters"):
+        out |= {k: v for k, v in conditioner.counters().items() if k == "captions_truncated"}
+    return {k: int(v) for k, v in out.items() if v}
 
 
 def _extra_state(objective: torch.nn.Module) -> Any:

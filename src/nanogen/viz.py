@@ -39,6 +39,27 @@ def save_grid(images: Tensor, path: Path, nrow: int | None = None, scale: int = 
     return path
 
 
+def save_captioned_grid(images: Tensor, captions: list[str], path: Path, nrow: int, scale: int = 2) -> Path:
+    """One row per caption (``nrow`` samples each), the caption written to the left of its row: a T2I grid a
+    person can read without a separate prompt list."""
+    grid = Image.fromarray(image_grid(images, nrow))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    rows = max(1, len(captions))
+    row_h = grid.height / rows
+    text_w = 8 + 6 * max((len(c) for c in captions), default=0)  # PIL's default bitmap font: ~6 px per character
+    img = Image.new("RGB", (text_w + grid.width, grid.height), "white")
+    img.paste(grid, (text_w, 0))
+    d = ImageDraw.Draw(img)
+    for r, caption in enumerate(captions):
+        d.text((4, int(r * row_h + row_h / 2 - 5)), caption, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+    return path
+
+
 def save_loss_curve(steps: list[int], losses: list[float], path: Path, width: int = 640, height: int = 320) -> Path:
     """A dependency-free line plot (PIL), log-scaled y, for ``loss.png`` in the run directory."""
     img = Image.new("RGB", (width, height), "white")

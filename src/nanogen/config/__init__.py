@@ -28,9 +28,6 @@ __all__ = [
     "to_dict",
 ]
 
-# Widths of the text encoders we know, so configs resolve without loading the encoder.
-TEXT_ENCODER_WIDTHS = {"Qwen/Qwen3-0.6B": 1024, "minilm": 384, "sentence-transformers/all-MiniLM-L6-v2": 384}
-
 # Widths (z_dim) of §6.5 encoders that nanogen's registry does not know yet (none at present); the registry's
 # encoders report theirs, built or not (nanogen.encoders.encoder_width: dinov2/3, siglip2, mae, pe, spatialpe,
 # langpe, convnextv2, and the unbuildable eupe, tipsv2).
@@ -57,9 +54,13 @@ def resolve(cfg: Stage2Config, default_name: str | None = None) -> Stage2Config:
                 "conditioning.text_encoder: text conditioning needs a text encoder block, "
                 "e.g. conditioning.text_encoder={model_name: Qwen/Qwen3-0.6B, max_length: 256}"
             )
+        if cfg.conditioning.text_encoder.max_length < 1:
+            raise ConfigError(f"conditioning.text_encoder.max_length: must be >= 1, got {cfg.conditioning.text_encoder.max_length}")
         cfg.conditioning.arch.num_c_tokens = cfg.conditioning.text_encoder.max_length
         if cfg.conditioning.context_dim is None:
-            width = TEXT_ENCODER_WIDTHS.get(cfg.conditioning.text_encoder.model_name)
+            from nanogen.encoders.text import text_encoder_width
+
+            width = text_encoder_width(cfg.conditioning.text_encoder.model_name, cfg.misc.weights)
             if width is None:
                 raise ConfigError(
                     f"conditioning.context_dim: unknown width for text encoder "

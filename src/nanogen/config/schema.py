@@ -64,8 +64,8 @@ class SchedulerConfig:
 
 @dataclass
 class DatasetConfig:
-    target: str = "imagenet"  # "imagenet" | "blip3o" | "mnist" (built-in nano tier) | T2I eval set names
-    type: str = "hf"  # "hf" (arrow) | "wds" (WebDataset) | "builtin" (ships inside a wheel)
+    target: str = "imagenet"  # "imagenet" | "blip3o" | "mnist" / "nano-scenes" (built-in nano tiers) | any name for type folder
+    type: str = "hf"  # "hf" (Arrow) | "folder" (raw ImageNet class folders, or images + captions.jsonl) | "wds" (WebDataset shards) | "builtin"
     data_dir: str = "./data"
     split: str | list[str] = "train"
     condition_type: Literal["label", "text"] | None = None  # overrides conditioning.type when set
@@ -74,11 +74,13 @@ class DatasetConfig:
     seed: int = 42
     num_workers: int | None = None  # None = training.num_workers
     latents_dir: str | None = None  # pre-extracted latent shards (`nanogen extract-latents`) read instead of encoding each step
+    flip: bool = False  # random horizontal flip (p = 1/2); off by default because the reference never applies its flip (§7.1)
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies
 
 
 @dataclass
 class EvalDatasetConfig:
-    type: str = "hf"
+    type: str = "hf"  # "hf" (Arrow, or the prompt set's own files) | "builtin"
     data_dir: str = "./data"
     split: str = "val"
     condition_type: Literal["label", "text"] | None = "label"
@@ -188,8 +190,9 @@ class RepaConfig:
 
 @dataclass
 class TextEncoderConfig:
-    model_name: str = "Qwen/Qwen3-0.6B"  # a hub id or a local directory
-    max_length: int = 256
+    model_name: str = "Qwen/Qwen3-0.6B"  # a hub id, a local directory, or "minilm" (the MiniLM shipped in a wheel)
+    max_length: int = 256  # tokens; longer captions are truncated (and counted)
+    cache_dir: str | None = None  # on-disk text-embedding cache keyed by caption hash; "auto" = $NANOGEN_CACHE/text (null = in memory only)
 
 
 @dataclass

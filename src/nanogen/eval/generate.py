@@ -7,7 +7,7 @@ evaluated before (unlike the reference's global-RNG eval noise, spec ``reference
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,17 +56,18 @@ def balanced_labels(indices: list[int], num_classes: int) -> Tensor:
 def generate(
     objective: nn.Module,  # FlowObjective or MeanFlowObjective
     tokenizer: nn.Module,
-    conditioner: LabelConditioner,
-    labels: Tensor,
+    conditioner: LabelConditioner,  # or encoders.text.TextConditioner
+    labels: Tensor | Sequence[str],  # class labels, or captions for text-conditioned models
     noise: Tensor | tuple[Tensor, Tensor],
     settings: SamplerSettings,
     *,
     autocast_dtype: torch.dtype | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> Tensor:
-    """Images in [-1, 1] for the given labels and starting noise (B, C, H, W) (REG: plus the token's noise)."""
+    """Images in [-1, 1] for the given labels (or captions) and starting noise (B, C, H, W) (REG: plus the
+    token's noise)."""
     device = (noise[0] if isinstance(noise, tuple) else noise).device
-    cond: Cond = conditioner(labels.to(device))
+    cond: Cond = conditioner(labels, device)
     null = conditioner.null(len(labels), device)
     s = settings
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
