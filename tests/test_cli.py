@@ -46,7 +46,8 @@ def test_bad_inputs_exit_2_with_one_line(capsys, tmp_path):
     one_line_error(capsys, ["train", "-c", TINY, "training.max_steps=many"], "training.max_steps: expected an integer")
     one_line_error(capsys, ["train", "-c", TINY, "sampler.num_steps=0"], "sampler.num_steps: must be >= 1")
     one_line_error(capsys, ["train-stage1"], "--config")
-    one_line_error(capsys, ["prepare", "--data", "imagenet"], "not available in this nanogen release yet")
+    one_line_error(capsys, ["prepare", "--data", "imagenet", "--data-dir", str(tmp_path / "d")],
+                   "cannot reach the Hugging Face Hub", "missing: imagenet (diffusion-bench/imagenet ->")
     one_line_error(capsys, ["sample", "-c", TINY, "--ckpt", str(tmp_path / "none.pt")], "checkpoint not found")
     one_line_error(capsys, ["train"], "the following arguments are required: --config")
 

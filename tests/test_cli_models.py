@@ -82,4 +82,4 @@ def test_prepare_models_offline_and_unknown_are_one_line(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     one_line_error(capsys, ["prepare", "--models", "dinov2-vit-b"], "cannot download 'facebook/dinov2-with-registers-base'")
     one_line_error(capsys, ["prepare", "--models", "dinov9-vit-b"], "unknown model 'dinov9-vit-b'")
-    one_line_error(capsys, ["prepare"], "pass --data and/or --models")
+    one_line_error(capsys, ["prepare"], "pass --data GROUP and/or --models")

@@ -217,26 +217,38 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    if args.models:
-        from nanogen.prepare import prepare_models
+    from pathlib import Path
 
-        prepare_models([m.strip() for m in args.models.split(",") if m.strip()])
-        if args.data is None:
-            return 0
-    if args.data is None:
-        raise ArgumentError("prepare: pass --data and/or --models (see 'nanogen prepare --help')")
-    if args.data != "nano":
-        raise NotAvailableError(
-            f"prepare --data {args.data}: downloading ImageNet / BLIP3o / eval sets is not available in this nanogen release yet; "
-            f"'--data nano' works offline"
-        )
+    from nanogen import prepare
+
+    if args.models is None and args.data is None:
+        raise ArgumentError("prepare: pass --data GROUP and/or --models [NAMES] (see 'nanogen prepare --help')")
+    if args.models is not None:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        if names:
+            prepare.prepare_models(names)  # frozen networks into the HF cache
+        else:
+            prepare.prepare_release(Path(args.models_dir))  # the released checkpoints, decoders and stats
+    if args.data == "nano":
+        prepare_nano()
+    elif args.data is not None:
+        prepare.prepare_data(args.data, Path(args.data_dir))
+    return 0
+
+
+def prepare_nano() -> None:
+    """The built-in tiers, offline: check the digits, cache the FID reference statistics, train (once) the nano
+    GenEval digit classifier, and embed every nano caption with the MiniLM text encoder."""
     import torch
 
+    from nanogen.build import build_conditioner
     from nanogen.config import load_config
+    from nanogen.data import known_captions
     from nanogen.data.nano import load_nano
     from nanogen.demo import DEMO_CONFIG
     from nanogen.eval.evaluate import builtin_reference, cache_dir
     from nanogen.eval.inception import InceptionFeatures
+    from nanogen.eval.nano_geneval import load_digit_classifier
 
     cfg = load_config(DEMO_CONFIG)
     tr, ho = load_nano("train"), load_nano("heldout")
@@ -245,7 +257,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for name, ds in cfg.eval.datasets.items():
         builtin_reference(name, ds, cfg.training.image_size, ds.num_samples, InceptionFeatures(torch.device("cpu")))
     print(f"FID reference statistics cached in {cache_dir() / 'refstats'}")
-    return 0
+    _, accuracy = load_digit_classifier(torch.device("cpu"))
+    print(f"nano GenEval digit classifier: held-out accuracy {accuracy:.4f} (cached in {cache_dir() / 'nano-geneval'})")
+    t2i = load_config(DEMO_CONFIG, ["task=nano-t2i"])
+    n = build_conditioner(t2i).warm(known_captions(t2i) or [])
+    print(f"nano T2I: {n} captions embedded with MiniLM (cached in {cache_dir() / 'text'})")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -505,14 +521,25 @@ def make_parser() -> Parser:
     p.add_argument("--no-explain", action="store_true", help="skip the torch._dynamo.explain graph-break check")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = add("prepare", cmd_prepare, "fetch or build datasets and reference statistics",
-            "'--data nano' checks the built-in MNIST digits and caches their FID reference statistics (offline).\n"
-            "'--models dinov2-vit-b' downloads frozen networks (needs network once; afterwards HF_HUB_OFFLINE=1 works).\n"
-            "ImageNet, BLIP3o and evaluation sets come in a later release.")
+    p = add("prepare", cmd_prepare, "fetch datasets, prompt sets, reference statistics and released checkpoints",
+            "Downloads through the Hugging Face Hub into the layout the configs expect (spec reference.md §7.5):\n"
+            "  --data imagenet     diffusion-bench/imagenet -> data/imagenet (Arrow train/val, jit_in256_stats.npz,\n"
+            "                      imagenet-256-val.npz)\n"
+            "  --data t2i          diffusion-bench/blip3o-256 -> data/blip3o-256 (WebDataset shards)\n"
+            "  --data eval         coco-30k, mjhq-30k, geneval, dpgbench, genaibench -> data/<name>\n"
+            "  --data t2i-res512   the original BLIP3o shards -> data/blip3o/{long-caption,short-caption,journeydb}\n"
+            "  --data all          all of the above\n"
+            "  --data nano         offline: the built-in tiers' caches (FID reference, nano GenEval classifier, captions)\n"
+            "  --models            the released checkpoints, RAE decoders and stats -> pretrained_models/\n"
+            "  --models NAME[,..]  frozen networks (dinov2-vit-b, sdvae-ema, Qwen/Qwen3-0.6B, ...) into the HF cache\n"
+            "Resumable: rerun after an interruption; finished items (marked .nanogen-complete) are skipped. Offline, it\n"
+            "says so in one line and names what is missing.\n\n"
+            "examples:\n  nanogen prepare --data imagenet --models\n  nanogen prepare --data eval --data-dir /datasets")
     p.add_argument("--data", default=None, choices=["nano", "all", "imagenet", "t2i", "t2i-res512", "eval"], help="what to prepare")
-    p.add_argument("--models", default=None, metavar="NAME[,NAME]",
-                   help="fetch frozen models into the Hugging Face cache by nanogen name (e.g. dinov2-vit-b) or hub id")
+    p.add_argument("--models", nargs="?", const="", default=None, metavar="NAME[,NAME]",
+                   help="alone: the released checkpoints; with names: frozen models by nanogen name or hub id")
     p.add_argument("--data-dir", default="./data", help="where datasets go (default ./data)")
+    p.add_argument("--models-dir", default="pretrained_models", help="where released checkpoints go (default pretrained_models)")
 
     # pre-computation over a config's training images (nanogen.latents.extract)
     def cmd_compute_stats(args: argparse.Namespace) -> int:
