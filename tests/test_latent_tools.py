@@ -77,7 +77,6 @@ def tiny_dinov2(tmp_path_factory):
 def small_data(monkeypatch):
     """The first N_IMAGES nano training digits stand in for the whole training set (train and both tools)."""
     import nanogen.build
-    import nanogen.train
     from nanogen.data.nano import load_nano
 
     ds = load_nano("train", 32)
@@ -87,7 +86,6 @@ def small_data(monkeypatch):
         return images, labels
 
     monkeypatch.setattr(nanogen.build, "load_train_images", load)
-    monkeypatch.setattr(nanogen.train, "load_train_images", load)
     return images, labels
 
 

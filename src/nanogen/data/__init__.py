@@ -83,7 +83,7 @@ def open_map_dataset(cfg: Any) -> Any:
     if ds.target == "imagenet" and ds.type in ("hf", "folder"):
         from nanogen.data.imagenet import open_imagenet
 
-        return open_imagenet(ds.data_dir, split, cfg.training.image_size, cond, ds.flip, ds.type)
+        return open_imagenet(ds.data_dir, split, cfg.training.image_size, cond, ds.flip, ds.type, flip_seed=ds.seed)
     if ds.type == "folder":
         from nanogen.data.captions import CaptionFolder
 

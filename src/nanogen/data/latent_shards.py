@@ -43,12 +43,12 @@ from torch import Tensor
 
 from nanogen.config import Stage2Config
 from nanogen.data.loader import TensorLoader
+from nanogen.data.transforms import flip_mask
 from nanogen.errors import ConfigError
 
 FORMAT = 1  # bump when the layout changes
 META = "meta.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-FLIP_STREAM = 1 << 40  # keeps the flip generator's seeds apart from the loader's permutation seeds
 
 
 def shard_name(i: int) -> str:
@@ -199,9 +199,8 @@ class LatentBatches:
 
     def flip_mask(self, epoch: int) -> Tensor:
         """(num_positions,) bool: True = use the flipped copy in this epoch."""
-        if self._mask is None or self._mask[0] != epoch:
-            g = torch.Generator().manual_seed(FLIP_STREAM + self.seed * 1_000_003 + epoch)
-            self._mask = (epoch, torch.rand(self.num_positions, generator=g) < 0.5)
+        if self._mask is None or self._mask[0] != epoch:  # the same flips as pixel training with dataset.flip
+            self._mask = (epoch, flip_mask(self.seed, epoch, self.num_positions))
         return self._mask[1]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
