@@ -216,7 +216,9 @@ def check_runnable(cfg: Stage2Config) -> None:
         from nanogen.data.latent_shards import check_meta, read_meta
 
         check_meta(read_meta(cfg.dataset.latents_dir), cfg, cfg.dataset.latents_dir)
-    if cfg.dataset.type != "builtin" and (not cfg.dataset.latents_dir or needs_images(cfg)):
-        load_train_images(cfg)
+    if not cfg.dataset.latents_dir or needs_images(cfg):
+        from nanogen.data import check_data
+
+        check_data(cfg)
     if cfg.eval is not None:
         check_metrics(cfg)

@@ -75,6 +75,29 @@ def build_train_loader(cfg: Any, micro: int, rank: int, world: int) -> Any:
     )  # fmt: skip
 
 
+def check_data(cfg: Any) -> None:
+    """Fail in one line before any work if the training data are missing, malformed or of the wrong kind
+    (opens the dataset's index, decodes nothing)."""
+    ds = cfg.dataset
+    cond = condition_type(cfg)
+    if ds.type == "builtin":
+        if ds.target not in ("mnist", "nano-scenes"):
+            raise UserError(f"dataset.target: unknown built-in dataset '{ds.target}'; the built-in ones are mnist and nano-scenes")
+        if (ds.target == "nano-scenes") != (cond == "text"):
+            raise ConfigError(
+                f"dataset: the built-in '{ds.target}' data have {'captions' if ds.target == 'nano-scenes' else 'labels'}, "
+                f"but the model is {cond}-conditioned; use task=nano (labels) or task=nano-t2i (text)"
+            )
+    elif ds.type == "wds":
+        from nanogen.data.webdataset import find_shards
+
+        if cond != "text":
+            raise ConfigError(f"dataset: WebDataset shards ('{ds.target}') carry captions; use conditioning.type=text")
+        find_shards(ds.data_dir, [ds.split] if isinstance(ds.split, str) else list(ds.split))
+    else:
+        open_map_dataset(cfg)
+
+
 def open_map_dataset(cfg: Any) -> Any:
     """A map-style dataset of ``(uint8 image, label | caption)``: ImageNet (Arrow or folders) or a caption folder."""
     ds = cfg.dataset

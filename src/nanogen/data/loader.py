@@ -204,6 +204,9 @@ class MapLoader:
                 collate_fn=collate, pin_memory=self.pin_memory, persistent_workers=workers,
                 prefetch_factor=self.prefetch_factor if workers else None,
                 multiprocessing_context=self.mp_context if workers else None,
+                # its own generator: creating the iterator must not draw from the global RNG, or a resumed run
+                # (which creates it at step k instead of step 0) would see different training noise
+                generator=torch.Generator().manual_seed(self.seed),
             )  # fmt: skip
         return self._loader
 

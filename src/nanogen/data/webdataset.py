@@ -306,8 +306,10 @@ class StreamLoader:
         if self.num_workers == 0:
             return iter(self.dataset)
         # workers are rebuilt every epoch (not persistent): each needs the new epoch and start position
+        # own generator: a new iterator must not draw from the global RNG (a resumed run would diverge)
         return iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=torch.cuda.is_available(), persistent_workers=False))
+                               pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                               generator=torch.Generator().manual_seed(self.epoch)))
 
     def __iter__(self) -> Iterator[tuple[Tensor, list[str]]]:
         while True:
