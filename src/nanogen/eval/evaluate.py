@@ -41,8 +41,10 @@ def check_metrics(cfg: Stage2Config) -> None:
                     f"eval.datasets.{name}.metrics: '{m}' is not available in this nanogen release yet "
                     f"(available: {', '.join(AVAILABLE_METRICS)}); remove it or set eval=null"
                 )
-        if ds.type != "builtin" and "fid" in ds.metrics and not ds.reference_npz:
-            raise UserError(f"eval.datasets.{name}.reference_npz: FID on '{name}' needs reference statistics (an npz with mu, sigma)")
+        if ds.type != "builtin" and "fid" in ds.metrics:
+            if not ds.reference_npz:
+                raise UserError(f"eval.datasets.{name}.reference_npz: FID on '{name}' needs reference statistics (an npz with mu, sigma)")
+            npz_reference(ds.reference_npz)  # present and readable now, not after hours of training
         text = ds.condition_type == "text"
         if text != (cfg.conditioning.type == "text"):
             raise UserError(
