@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from nanogen.eval.images import to_uint8
@@ -47,12 +47,17 @@ def save_captioned_grid(images: Tensor, captions: list[str], path: Path, nrow: i
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     rows = max(1, len(captions))
     row_h = grid.height / rows
-    text_w = 8 + 6 * max((len(c) for c in captions), default=0)  # PIL's default bitmap font: ~6 px per character
+    try:
+        font = ImageFont.load_default(size=14)  # a scalable font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError):
+        font = ImageFont.load_default()
+    d = ImageDraw.Draw(grid)
+    text_w = 12 + int(max((d.textlength(c, font=font) for c in captions), default=0))
     img = Image.new("RGB", (text_w + grid.width, grid.height), "white")
     img.paste(grid, (text_w, 0))
     d = ImageDraw.Draw(img)
     for r, caption in enumerate(captions):
-        d.text((4, int(r * row_h + row_h / 2 - 5)), caption, fill="black")
+        d.text((6, int(r * row_h + row_h / 2)), caption, fill="black", font=font, anchor="lm")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     img.save(tmp)
