@@ -211,7 +211,8 @@ def train_digit_classifier() -> tuple[DigitCNN, float]:
     x = np.concatenate([_train_crops(digits[train], rng) for _ in range(RECIPE["copies"])])
     y = torch.from_numpy(np.tile(labels[train], RECIPE["copies"]))
     x = torch.from_numpy(x)[:, None].contiguous(memory_format=torch.channels_last)  # ~25% faster convs on CPU
-    with torch.random.fork_rng(devices=[]):  # seeded init and dropout without touching the caller's RNG
+    # seeded init and dropout without touching the caller's RNG; grad on even when called from evaluation
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(RECIPE["seed"])
         model = DigitCNN(RECIPE["widths"]).to(memory_format=torch.channels_last)
         steps = RECIPE["epochs"] * (len(x) // RECIPE["batch"])
