@@ -121,6 +121,17 @@ def test_nano_t2i_trains_samples_and_scores(tmp_path):
     assert (res.run_dir / "samples.png").is_file()
     with Image.open(res.run_dir / "samples.png") as grid:
         assert grid.width > grid.height  # prompts written to the left of the rows
+    # sampling a text model from the CLI: prompts in, one captioned row per prompt out
+    from nanogen.cli import main
+
+    ckpt = res.run_dir / "checkpoints" / "step-0000006.pt"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of three fives\n")
+    out = tmp_path / "s.png"
+    assert main(["sample", "-c", TINY, "task=nano-t2i", "--ckpt", str(ckpt), "--prompt", "a photo of a red seven",
+                 "--prompts", str(prompts), "--nrow", "2", "--out", str(out)]) == 0  # fmt: skip
+    with Image.open(out) as img:
+        assert img.height == 2 * (2 * (32 + 2) + 2)  # two rows (two prompts) of 32 px images, padding 2, scale 2
 
 
 def test_data_errors_are_one_line(capsys, tmp_path):
@@ -131,3 +142,8 @@ def test_data_errors_are_one_line(capsys, tmp_path):
                    "nanogen prepare --data t2i")  # fmt: skip
     one_line_error(capsys, ["train", "-c", TINY, "task=nano-t2i", "eval=null",
                             f"dataset={{target: mine, type: folder, data_dir: {tmp_path}, condition_type: text}}"], "captions.jsonl")
+    one_line_error(capsys, ["train", "-c", TINY, "task=nano-t2i", "dataset.target=mnist", "eval=null"],
+                   "use task=nano (labels) or task=nano-t2i (text)")
+    one_line_error(capsys, ["sample", "-c", TINY, "task=nano-t2i", "--labels", "3"], "this model is text-conditioned")
+    one_line_error(capsys, ["eval", "-c", TINY, "task=nano-t2i", "eval.datasets.nano-geneval.condition_type=label"],
+                   "but the model is text-conditioned")
