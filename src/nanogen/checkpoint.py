@@ -45,7 +45,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: Path, payload: dict[str, Any]) -> Path:
+def save(path: Path, payload: Any) -> Path:
+    """torch.save, atomically (a temp file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(payload, tmp)

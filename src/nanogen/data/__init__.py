@@ -112,7 +112,7 @@ def open_map_dataset(cfg: Any) -> Any:
 
         if cond != "text":
             raise ConfigError(f"dataset: a caption folder ('{ds.data_dir}') has captions, not labels; use conditioning.type=text")
-        return CaptionFolder(ds.data_dir, cfg.training.image_size, flip=ds.flip)
+        return CaptionFolder(ds.data_dir, cfg.training.image_size, flip=ds.flip, flip_seed=ds.seed)
     raise UserError(
         f"dataset: unknown combination target '{ds.target}' with type '{ds.type}'; use imagenet (hf | folder), "
         f"blip3o (wds), a folder of images + captions.jsonl (type folder), or the built-in mnist / nano-scenes"

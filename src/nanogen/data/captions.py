@@ -16,7 +16,6 @@ Image keys: ``file_name`` (the Hugging Face imagefolder convention), ``file`` or
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -26,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from nanogen.data.transforms import maybe_flip, resize_center_crop, to_uint8_chw
+from nanogen.data.transforms import EpochFlips, maybe_flip, resize_center_crop, to_uint8_chw
 from nanogen.errors import UserError
 
 IMAGE_KEYS = ("file_name", "file", "image")
@@ -87,11 +86,6 @@ def to_uint8_tensor(img: Image.Image, size: int, flip: bool = False) -> Tensor:
     return maybe_flip(to_uint8_chw(resize_center_crop(img, size)), flip)
 
 
-def hash_bit(*parts: object) -> bool:
-    """A fair coin that is a pure function of ``parts``: flips that do not depend on order or workers."""
-    return bool(hashlib.blake2b(repr(parts).encode(), digest_size=1).digest()[0] & 1)
-
-
 @dataclass(frozen=True)
 class CaptionedFile:
     path: Path
@@ -139,23 +133,23 @@ def read_captions_jsonl(root: Path, counters: CaptionCounters) -> list[Captioned
 class CaptionFolder(Dataset):
     """Map-style dataset over ``<root>/captions.jsonl``: item i -> (uint8 (3, S, S), caption).
 
-    With ``flip``, item i is mirrored when a coin seeded by (epoch, i) says so (``set_epoch`` each epoch):
-    the choice does not depend on the sampler, the workers or the batch size, so a resumed run repeats it."""
+    With ``flip``, item i is mirrored when the coin of (flip_seed, epoch, i) says so (``EpochFlips``, the same
+    coins as ImageNet and latent shards): independent of the sampler, the workers and the batch size, so a
+    resumed run repeats it."""
 
-    def __init__(self, root: str | Path, image_size: int, flip: bool = False):
+    def __init__(self, root: str | Path, image_size: int, flip: bool = False, flip_seed: int = 0):
         self.root = Path(root)
         self.image_size = image_size
-        self.flip = flip
-        self.epoch = 0
         self.counters = CaptionCounters()
         self.items = read_captions_jsonl(self.root, self.counters)
+        self.flips = EpochFlips(flip, flip_seed, len(self.items))
 
     @property
     def captions(self) -> list[str]:
         return [it.caption for it in self.items]
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.flips.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -164,7 +158,7 @@ class CaptionFolder(Dataset):
         item = self.items[i]
         try:
             with Image.open(item.path) as img:
-                x = to_uint8_tensor(img, self.image_size, self.flip and hash_bit("flip", self.epoch, i))
+                x = to_uint8_tensor(img, self.image_size, self.flips(i))
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise UserError(f"{item.where}: cannot decode image {item.path} ({e}); replace the file or drop the line") from None
         return x, item.caption

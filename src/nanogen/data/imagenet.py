@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from nanogen.data.transforms import adm_center_crop, flip_mask, maybe_flip, resize_center_crop, to_uint8_chw
+from nanogen.data.transforms import EpochFlips, adm_center_crop, maybe_flip, resize_center_crop, to_uint8_chw
 from nanogen.errors import ConfigError, UserError
 
 ARROW_DIR = "imagenet-latents-images"
@@ -118,22 +118,20 @@ class _PixelDataset(Dataset):
         self.condition_type = condition_type
         self.flip = flip
         self.flip_seed = flip_seed
-        self.epoch = 0
-        # (epoch, flip coin per position), built lazily in each worker
-        self._mask: tuple[int, Tensor] | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._flips().epoch = epoch
+
+    def _flips(self) -> EpochFlips:
+        if getattr(self, "_coins", None) is None:  # built after the subclass knows its length
+            self._coins = EpochFlips(self.flip, self.flip_seed, len(self))
+        return self._coins
 
     def _flipped(self, i: int) -> bool:
-        if not self.flip:
-            return False
-        if self._mask is None or self._mask[0] != self.epoch:
-            self._mask = (self.epoch, flip_mask(self.flip_seed, self.epoch, len(self)))
-        return bool(self._mask[1][i])
+        return self._flips()(i)
 
 
 def _raw_folder_hint(data_dir: str | os.PathLike, split: str) -> str:

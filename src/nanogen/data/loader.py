@@ -171,9 +171,11 @@ class MapLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
-    def stats(self) -> dict[str, float]:
-        """Loader counters for the log line; a map-style dataset has none (streaming loaders do)."""
-        return {}
+    def stats(self) -> dict[str, int]:
+        """Counters for the log line: what the dataset counted when it read its index (e.g. a caption folder's
+        empty or non-UTF-8 captions); most map-style datasets have none."""
+        counters = getattr(self.dataset, "counters", None)
+        return counters.as_dict() if counters is not None else {}
 
     def _positions(self, epoch: int, batch: int) -> Iterator[tuple[int, int]]:
         """(epoch, batch) of every batch from the given position on, forever."""

@@ -64,3 +64,21 @@ def flip_mask(seed: int, epoch: int, n: int) -> Tensor:
     """(n,) bool: True = mirror dataset position i in this epoch (probability 1/2 each)."""
     g = torch.Generator().manual_seed(FLIP_STREAM + seed * 1_000_003 + epoch)
     return torch.rand(n, generator=g) < 0.5
+
+
+class EpochFlips:
+    """The flip coin of dataset position i in the current epoch (``flip_mask``), built lazily per epoch (and per
+    worker process); every map-style dataset with ``dataset.flip`` uses it, so pixel and latent-shard training
+    mirror the same samples and a resumed run repeats them."""
+
+    def __init__(self, enabled: bool, seed: int, n: int):
+        self.enabled, self.seed, self.n = enabled, seed, n
+        self.epoch = 0
+        self._mask: tuple[int, Tensor] | None = None
+
+    def __call__(self, i: int) -> bool:
+        if not self.enabled:
+            return False
+        if self._mask is None or self._mask[0] != self.epoch:
+            self._mask = (self.epoch, flip_mask(self.seed, self.epoch, self.n))
+        return bool(self._mask[1][i])

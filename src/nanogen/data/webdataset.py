@@ -46,7 +46,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from nanogen.data.captions import CaptionCounters, clean_caption, hash_bit, to_uint8_tensor
+from nanogen.data.captions import CaptionCounters, clean_caption, to_uint8_tensor
 from nanogen.errors import UserError
 
 # §7.2: estimated samples per split, used only for the epoch length. ("60k" is the 60k-sample SFT set.)
@@ -64,6 +64,11 @@ TAR_BLOCK = 512
 MAX_UNDECODABLE = 1000  # in a row: beyond that the shards are not images at all
 
 T = TypeVar("T")
+
+
+def hash_bit(*parts: object) -> bool:
+    """A fair coin that is a pure function of ``parts``: flips that do not depend on order or workers."""
+    return bool(hashlib.blake2b(repr(parts).encode(), digest_size=1).digest()[0] & 1)
 
 
 def find_shards(data_dir: str | Path, splits: str | list[str]) -> dict[str, list[Path]]:

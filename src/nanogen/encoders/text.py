@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -169,11 +168,9 @@ class EmbeddingCache:
         states = states.detach().to("cpu").contiguous()
         self._remember(h, states)
         if self.dir is not None:
-            p = self._path(h)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(f".tmp{os.getpid()}")
-            torch.save(states.clone(), tmp)
-            os.replace(tmp, p)
+            from nanogen.checkpoint import save
+
+            save(self._path(h), states.clone())  # atomic: processes sharing the cache never read a partial file
 
     def _remember(self, h: str, states: Tensor) -> None:
         old = self.memory.pop(h, None)

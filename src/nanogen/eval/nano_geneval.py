@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor, nn
 
+from nanogen.checkpoint import save
 from nanogen.data import nano_scenes as scenes
 from nanogen.errors import UserError
 from nanogen.eval.evaluate import cache_dir
@@ -238,21 +237,6 @@ def classifier_path() -> Path:
     return cache_dir() / "nano-geneval" / f"digit-cnn-{key}.pt"
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder and rename: a reader (or a second trainer) never sees a
-    partial file, and two processes racing both leave a complete, identical file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _loaded: dict[
     tuple[Path, str], tuple[DigitCNN, float]
 ] = {}  # per cache file and device, for repeated scoring
@@ -276,7 +260,8 @@ def _load_or_train(path: Path, device: torch.device | str) -> tuple[DigitCNN, fl
         accuracy = float(state["heldout_accuracy"])
     else:
         model, accuracy = train_digit_classifier()
-        _save_atomic({"recipe": RECIPE, "state_dict": model.state_dict(), "heldout_accuracy": accuracy}, path)
+        # atomic (tmp + rename): a reader, or a second process training at the same time, never sees a partial file
+        save(path, {"recipe": RECIPE, "state_dict": model.state_dict(), "heldout_accuracy": accuracy})
     return model.eval().to(device), accuracy
 
 
