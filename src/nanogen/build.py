@@ -177,7 +177,8 @@ def build_objective(cfg: Stage2Config, net: nn.Module, frozen: Frozen | None = N
 
 
 def load_train_images(cfg: Stage2Config | Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], labels) for in-memory datasets (stage 1 and stage 2 read ``dataset`` the same way)."""
+    """(images in [-1, 1], labels) of the in-memory built-in digits (stage 2 streams every other dataset through
+    ``data.build_train_loader``; stage 1, compute-stats and extract-latents read only these)."""
     if cfg.dataset.type == "builtin" and cfg.dataset.target == "mnist":
         from nanogen.data.nano import load_nano
 
@@ -187,8 +188,9 @@ def load_train_images(cfg: Stage2Config | Stage1Config) -> tuple[torch.Tensor, t
     if cfg.dataset.type == "builtin":
         raise UserError(f"dataset.target: unknown built-in dataset '{cfg.dataset.target}'; the built-in one is 'mnist'")
     raise NotAvailableError(
-        f"dataset: '{cfg.dataset.target}' ({cfg.dataset.type}) data is not available in this nanogen release yet; "
-        f"the built-in digits run with dataset={{type: builtin, target: mnist}} (task=nano for stage 2)"
+        f"dataset: '{cfg.dataset.target}' ({cfg.dataset.type}) data for stage-1 training, compute-stats and "
+        f"extract-latents is not available in this nanogen release yet (stage-2 `nanogen train` reads it); these "
+        f"tools run on the built-in digits: dataset={{type: builtin, target: mnist}}"
     )
 
 

@@ -35,51 +35,9 @@ def condition_type(cfg: Any) -> str:
     return cfg.dataset.condition_type or getattr(getattr(cfg, "conditioning", None), "type", None) or "label"
 
 
-def build_train_loader(cfg: Any, micro: int, rank: int, world: int) -> Any:
-    """The training loader of a stage-2 config: batches of ``micro`` images per process."""
-    ds, tc = cfg.dataset, cfg.training
-    cond = condition_type(cfg)
-    workers = tc.num_workers if ds.num_workers is None else ds.num_workers
-    if ds.type == "builtin" and ds.target == "nano-scenes":
-        from nanogen.data.loader import TensorLoader
-        from nanogen.data.nano_scenes import NANO_TRAIN_SCENES, make_scenes
-
-        if cond != "text":
-            raise ConfigError("dataset: the nano-scenes data are captioned scenes; use conditioning.type=text (task=nano-t2i)")
-        scenes = make_scenes("train", NANO_TRAIN_SCENES, seed=ds.seed, image_size=tc.image_size)
-        return TensorLoader(scenes.images, scenes.prompts, batch_size=micro, seed=ds.seed, rank=rank, world_size=world)
-    if ds.type == "builtin":
-        from nanogen.build import load_train_images
-        from nanogen.data.loader import TensorLoader
-        from nanogen.latents.base import check_images, to_unit
-
-        images, labels = load_train_images(cfg)
-        if cond == "text":
-            raise ConfigError(f"dataset: the built-in '{ds.target}' data have labels, not captions; use task=nano-t2i for text")
-        check_images(to_unit(images), f"dataset '{ds.target}'")  # once, so the loop needs no host sync
-        return TensorLoader(images, labels, batch_size=micro, seed=ds.seed, rank=rank, world_size=world)
-    if ds.type == "wds":
-        from nanogen.data.webdataset import StreamLoader
-
-        if cond != "text":
-            raise ConfigError(f"dataset: WebDataset shards ('{ds.target}') carry captions; use conditioning.type=text")
-        splits = [ds.split] if isinstance(ds.split, str) else list(ds.split)
-        return StreamLoader(
-            ds.data_dir, splits, tc.image_size, micro, ds.seed, rank, world, workers,
-            shuffle_buffer=ds.shuffle_buffer, virtual_epoch_steps=tc.virtual_epoch_steps, flip=ds.flip,
-        )  # fmt: skip
-    from nanogen.data.loader import MapLoader
-
-    return MapLoader(
-        open_map_dataset(cfg), micro, ds.seed, rank, world, workers, pin_memory=ds.pin_memory,
-    )  # fmt: skip
-
-
-def check_data(cfg: Any) -> None:
-    """Fail in one line before any work if the training data are missing, malformed or of the wrong kind
-    (opens the dataset's index, decodes nothing)."""
-    ds = cfg.dataset
-    cond = condition_type(cfg)
+def check_kind(cfg: Any) -> None:
+    """The data must give what the model is conditioned on (labels or captions); no file is opened."""
+    ds, cond = cfg.dataset, condition_type(cfg)
     if ds.type == "builtin":
         if ds.target not in ("mnist", "nano-scenes"):
             raise UserError(f"dataset.target: unknown built-in dataset '{ds.target}'; the built-in ones are mnist and nano-scenes")
@@ -88,14 +46,56 @@ def check_data(cfg: Any) -> None:
                 f"dataset: the built-in '{ds.target}' data have {'captions' if ds.target == 'nano-scenes' else 'labels'}, "
                 f"but the model is {cond}-conditioned; use task=nano (labels) or task=nano-t2i (text)"
             )
-    elif ds.type == "wds":
+    elif (ds.type == "wds" or (ds.type == "folder" and ds.target != "imagenet")) and cond != "text":
+        raise ConfigError(
+            f"dataset: '{ds.target}' ({ds.type}) data carry captions, not labels; use conditioning.type=text (task=t2i)"
+        )
+
+
+def check_data(cfg: Any) -> None:
+    """Fail in one line before any work if the training data are missing, malformed or of the wrong kind
+    (opens the dataset's index, decodes nothing)."""
+    check_kind(cfg)
+    ds = cfg.dataset
+    if ds.type == "wds":
         from nanogen.data.webdataset import find_shards
 
-        if cond != "text":
-            raise ConfigError(f"dataset: WebDataset shards ('{ds.target}') carry captions; use conditioning.type=text")
         find_shards(ds.data_dir, [ds.split] if isinstance(ds.split, str) else list(ds.split))
-    else:
+    elif ds.type != "builtin":
         open_map_dataset(cfg)
+
+
+def build_train_loader(cfg: Any, micro: int, rank: int, world: int) -> Any:
+    """The training loader of a stage-2 config: batches of ``micro`` images per process."""
+    check_kind(cfg)
+    ds, tc = cfg.dataset, cfg.training
+    workers = tc.num_workers if ds.num_workers is None else ds.num_workers
+    if ds.type == "builtin":
+        from nanogen.data.loader import TensorLoader
+
+        if ds.target == "nano-scenes":
+            from nanogen.data.nano_scenes import NANO_TRAIN_SCENES, make_scenes
+
+            scenes = make_scenes("train", NANO_TRAIN_SCENES, seed=ds.seed, image_size=tc.image_size)
+            images, conditions = scenes.images, scenes.prompts  # uint8, like every streaming loader's
+        else:
+            from nanogen.build import load_train_images
+            from nanogen.latents.base import check_images, to_unit
+
+            images, conditions = load_train_images(cfg)
+            check_images(to_unit(images), f"dataset '{ds.target}'")  # once, so the loop needs no host sync
+        return TensorLoader(images, conditions, batch_size=micro, seed=ds.seed, rank=rank, world_size=world)
+    if ds.type == "wds":
+        from nanogen.data.webdataset import StreamLoader
+
+        splits = [ds.split] if isinstance(ds.split, str) else list(ds.split)
+        return StreamLoader(
+            ds.data_dir, splits, tc.image_size, micro, ds.seed, rank, world, workers,
+            shuffle_buffer=ds.shuffle_buffer, virtual_epoch_steps=tc.virtual_epoch_steps, flip=ds.flip,
+        )  # fmt: skip
+    from nanogen.data.loader import MapLoader
+
+    return MapLoader(open_map_dataset(cfg), micro, ds.seed, rank, world, workers, pin_memory=ds.pin_memory)
 
 
 def open_map_dataset(cfg: Any) -> Any:
@@ -110,8 +110,6 @@ def open_map_dataset(cfg: Any) -> Any:
     if ds.type == "folder":
         from nanogen.data.captions import CaptionFolder
 
-        if cond != "text":
-            raise ConfigError(f"dataset: a caption folder ('{ds.data_dir}') has captions, not labels; use conditioning.type=text")
         return CaptionFolder(ds.data_dir, cfg.training.image_size, flip=ds.flip, flip_seed=ds.seed)
     raise UserError(
         f"dataset: unknown combination target '{ds.target}' with type '{ds.type}'; use imagenet (hf | folder), "
