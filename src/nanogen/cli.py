@@ -21,6 +21,7 @@ EPILOG = textwrap.dedent(
     """\
     quick start (offline, CPU, about 4 minutes):
       nanogen demo                                  train, sample and evaluate the nano model on real MNIST digits
+      nanogen demo --task t2i                       the same method as text-to-image, scored by nano GenEval (~8 min)
 
     a config, with overrides of any key in the tree:
       nanogen train --config configs/stage2/training/nano/lightningdit-xs-pixel-xpred-t4c8.yaml training.max_steps=2000
