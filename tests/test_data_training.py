@@ -145,5 +145,7 @@ def test_data_errors_are_one_line(capsys, tmp_path):
     one_line_error(capsys, ["train", "-c", TINY, "task=nano-t2i", "dataset.target=mnist", "eval=null"],
                    "use task=nano (labels) or task=nano-t2i (text)")
     one_line_error(capsys, ["sample", "-c", TINY, "task=nano-t2i", "--labels", "3"], "this model is text-conditioned")
+    one_line_error(capsys, ["train", "-c", TINY, "task=nano-t2i", f"dataset.latents_dir={tmp_path}"],
+                   "latent shards store class labels, not captions")
     one_line_error(capsys, ["eval", "-c", TINY, "task=nano-t2i", "eval.datasets.nano-geneval.condition_type=label"],
                    "but the model is text-conditioned")

@@ -214,6 +214,11 @@ def check_runnable(cfg: Stage2Config) -> None:
         for name, _ in parse_perceptual(cfg.perceptual_loss.encoders, cfg.perceptual_loss.percep_loss_weights):
             if name != "lpips":
                 default_source(name)
+    if cfg.dataset.latents_dir and cfg.conditioning.type == "text":
+        raise NotAvailableError(
+            "dataset.latents_dir: latent shards store class labels, not captions; text-conditioned runs encode "
+            "their images each step in this release (drop dataset.latents_dir)"
+        )
     if cfg.dataset.latents_dir:  # pre-extracted latents: they must match this config's tokenizer and data
         from nanogen.data.latent_shards import check_meta, read_meta
 
