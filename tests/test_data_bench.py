@@ -37,4 +37,5 @@ def test_benchmark_data_cli_json(capsys):
 
 def test_benchmark_data_bad_arguments(capsys):
     one_line_error(capsys, ["benchmark-data", "--workers", "two"], "--workers: 'two' is not a comma-separated list")
+    one_line_error(capsys, ["benchmark-data", "--workers", "0,-1"], "counts must be >= 0")
     one_line_error(capsys, ["benchmark-data", "--images", "8", "--batch-size", "8"], "--images must be at least 2 x --batch-size")

@@ -228,6 +228,8 @@ def cmd_benchmark_data(args: argparse.Namespace) -> int:
         workers = tuple(int(w) for w in args.workers.split(","))
     except ValueError:
         raise ArgumentError(f"benchmark-data --workers: '{args.workers}' is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if any(w < 0 for w in workers):
+        raise ArgumentError(f"benchmark-data --workers: counts must be >= 0 (0 = the main process), got {args.workers}")
     if args.config:
         res = run_config_benchmark(_load(args), args.batches)
     else:
