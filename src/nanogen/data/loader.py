@@ -27,7 +27,29 @@ def _take(t: Tensor | list, idx: Tensor) -> Tensor | list:
     return [t[i] for i in idx.tolist()] if isinstance(t, list) else t[idx]
 
 
-class TensorLoader:
+class Position:
+    """The whole resumable state of a loader: (epoch, batch) of the next batch to yield; ``len()`` is this
+    process's batches per epoch. Shared by ``TensorLoader``, ``MapLoader`` and the WebDataset ``StreamLoader``."""
+
+    epoch: int = 0
+    batch: int = 0
+    batches_per_epoch: int = 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the log line (skipped samples, caption flags); none by default."""
+        return {}
+
+
+class TensorLoader(Position):
     def __init__(
         self, *tensors: Tensor | list, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ):  # fmt: skip
@@ -42,15 +64,6 @@ class TensorLoader:
         self.batches_per_epoch = n // (batch_size * world_size)  # drop_last, identical on every rank
         self.epoch = 0
         self.batch = 0
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def _perm(self) -> Tensor:
         return _permutation(self.seed, self.epoch, len(self.tensors[0]))
@@ -113,7 +126,7 @@ class _BatchKeys:
         return self.keys()
 
 
-class MapLoader:
+class MapLoader(Position):
     """Endless batches ``collate([dataset[i] ...])`` over a map-style dataset, resumable like TensorLoader.
 
     Training (``shuffle=True``): every epoch a fixed permutation of all indices (seed, epoch), global batch
@@ -161,15 +174,6 @@ class MapLoader:
         self._start = (0, 0)  # where the next key stream begins (read by _BatchKeys)
         self._loader: DataLoader | None = None
         self._order: tuple[int, Tensor] | None = None  # (epoch, index order) cache
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def stats(self) -> dict[str, int]:
         """Counters for the log line: what the dataset counted when it read its index (e.g. a caption folder's

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from nanogen.data.captions import CaptionCounters, clean_caption, to_uint8_tensor
+from nanogen.data.loader import Position
 from nanogen.errors import UserError
 
 # §7.2: estimated samples per split, used only for the epoch length. ("60k" is the 60k-sample SFT set.)
@@ -270,7 +271,7 @@ class Blip3oStream(IterableDataset):
             yield images, captions, counters.take()
 
 
-class StreamLoader:
+class StreamLoader(Position):
     """The T2I training loader: ``len`` = batches per epoch per rank; ``iter`` is endless over epochs and
     yields (uint8 images (B, 3, S, S), captions); the state is (epoch, batch); ``stats()`` are the cumulative
     corrupt / caption / shard counts of this process."""
@@ -280,28 +281,19 @@ class StreamLoader:
                  virtual_epoch_steps: int | None = None, flip: bool = False):
         by_split = find_shards(data_dir, splits)
         self.dataset_size = estimated_size(by_split)
-        self.steps = virtual_epoch_steps or max(1, self.dataset_size // (batch_size * world_size))
+        self.batches_per_epoch = virtual_epoch_steps or max(1, self.dataset_size // (batch_size * world_size))
         self.num_workers = num_workers
         self.dataset = Blip3oStream(
             [p for tars in by_split.values() for p in tars], image_size, batch_size, seed, rank, world_size,
-            shuffle_buffer, self.steps, flip,
+            shuffle_buffer, self.batches_per_epoch, flip,
         )
         self.epoch = 0
         self.batch = 0
         self.counters = CaptionCounters()
 
-    def __len__(self) -> int:
-        return self.steps
-
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch; the next ``iter`` builds its pipeline."""
         self.epoch, self.batch = epoch, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def stats(self) -> dict[str, int]:
         return self.counters.as_dict()
