@@ -61,38 +61,36 @@ FAMILIES = sorted(p.stem for p in (TRAIN / "imagenet").glob("*.yaml"))
 NANO = sorted(p.stem for p in (TRAIN / "nano").glob("*.yaml") if p.stem != "tiny-cpu-test")
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_imagenet_and_t2i_differ_only_in_the_task_preset(name):
-    path = TRAIN / "imagenet" / f"{name}.yaml"
-    a = to_dict(load_config(path, ["task=imagenet"]))
-    b = to_dict(load_config(path, ["task=t2i"]))
-    allowed = preset_keys("imagenet", "t2i") | {"eval.datasets", "task"}
-    if name.startswith("pixnerd-"):  # the reference's T2I PixNerd samples at the training shift (§2.5), kept via per_task
+def switch(path, label_task, text_task, *extra):
+    """(differing leaves, leaves the presets do not own, the text tree) of one config under both tasks."""
+    a = to_dict(load_config(path, [f"task={label_task}"]))
+    b = to_dict(load_config(path, [f"task={text_task}", *extra]))
+    allowed = preset_keys(label_task, text_task) | {"eval.datasets", "task"}
+    if path.stem.startswith("pixnerd-"):  # the reference's T2I PixNerd samples at the training shift (§2.5), kept via per_task
         allowed.add("misc.time_dist_shift_base_eval")
     diff = differing(a, b)
-    assert diff, "the task switch changed nothing"
+    return diff, sorted(d for d in diff if not owned(d, allowed)), b
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_imagenet_and_t2i_differ_only_in_the_task_preset(name):
+    diff, foreign, _ = switch(TRAIN / "imagenet" / f"{name}.yaml", "imagenet", "t2i")
     assert {"conditioning.type", "dataset.target"} <= diff
-    assert [d for d in diff if not owned(d, allowed)] == []
+    assert foreign == []
     # the network is the same apart from its condition inputs
     assert {k for k in diff if k.startswith("stage_2.")} <= DERIVED
 
 
 @pytest.mark.parametrize("name", NANO)
 def test_nano_label_and_text_differ_only_in_the_task_preset(name):
-    path = TRAIN / "nano" / f"{name}.yaml"
-    a = to_dict(load_config(path, ["task=nano"]))
-    b = to_dict(load_config(path, ["task=nano-t2i"]))
-    allowed = preset_keys("nano", "nano-t2i") | {"eval.datasets", "task"}
-    diff = differing(a, b)
+    diff, foreign, b = switch(TRAIN / "nano" / f"{name}.yaml", "nano", "nano-t2i")
     assert {"conditioning.type", "conditioning.text_encoder.model_name", "dataset.target"} <= diff
-    assert [d for d in diff if not owned(d, allowed)] == []
+    assert foreign == []
     assert b["conditioning"]["context_dim"] == 384 and b["stage_2"]["params"]["cond_arch"]["num_c_tokens"] == 16
 
 
 def test_a_key_outside_the_preset_would_be_caught():
     """The checker itself can fail: a method-level change shows up as not owned by the preset."""
     path = TRAIN / "nano" / "ddt-xs-pixel-xpred-t4c8.yaml"
-    a = to_dict(load_config(path, ["task=nano"]))
-    b = to_dict(load_config(path, ["task=nano-t2i", "transport.prediction=velocity"]))
-    allowed = preset_keys("nano", "nano-t2i") | {"eval.datasets", "task"}
-    assert [d for d in differing(a, b) if not owned(d, allowed)] == ["transport.prediction"]
+    _, foreign, _ = switch(path, "nano", "nano-t2i", "transport.prediction=velocity")
+    assert foreign == ["transport.prediction"]
