@@ -73,10 +73,7 @@ def _all_reduce_meter(meter: ReconstructionMeter, device: torch.device) -> Recon
     for attr in ("recon_moments", "ref_moments"):
         mom: GaussianMoments | None = getattr(meter, attr)
         if mom is not None:
-            n = parallel.all_reduce_sum(torch.tensor([float(mom.n)], dtype=torch.float64, device=device))
-            s = parallel.all_reduce_sum(mom.sum.to(device).clone()).cpu()
-            so = parallel.all_reduce_sum(mom.sum_outer.to(device).clone()).cpu()
-            setattr(meter, attr, GaussianMoments(int(n.item()), s, so))
+            setattr(meter, attr, mom.reduce(parallel.all_reduce_sum, device))
     return meter
 
 
