@@ -12,13 +12,13 @@ so detection is exact up to a small digit classifier that we train ourselves:
 - Colour: the component's ink pixels are averaged with weights = their intensity (max channel), the mean is
   divided by its own maximum channel (removing brightness) and named by the nearest palette entry (Euclidean).
   For a rendered digit (pixel = intensity x colour) this returns the colour exactly.
-- Rules, as GenEval's ``evaluate``: per class keep detections with confidence > 0.3 (> 0.9 for the counting
-  tag), highest first, at most 16; every ``include`` needs its top-``count`` detections to exist, ``count`` of
-  them in the requested colour, and each of them in the requested relation to every object matched for the
-  target group (``relative_position``, threshold 0.1); an ``exclude`` fails when that class has >= ``count``
-  detections. Includes are ANDed, excludes ORed.
+- Rules: GenEval's own, from ``eval/t2i/geneval.py`` (``evaluate`` is its ``evaluate_image``): per class keep
+  detections with confidence > 0.3 (> 0.9 for the counting tag), highest first, at most 16; every ``include``
+  needs its top-``count`` detections to exist, ``count`` of them in the requested colour, and each of them in
+  the requested relation to every object matched for the target group (``relative_position``, threshold
+  0.1); an ``exclude`` fails when that class has >= ``count`` detections. Includes are ANDed, excludes ORed.
 - Summary: accuracy per tag, ``overall`` = mean of the tag accuracies (official GenEval), ``per_image`` = mean
-  over images (what the reference reports, §8.4).
+  over images (what the reference reports, §8.4), as ``geneval.summarize_sums`` computes them.
 
 Decisions GenEval leaves open here: a component is one detection of one class (the argmax), so a digit never
 counts for two classes; detections are kept at confidence strictly above the threshold, as GenEval's
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,24 +49,23 @@ from nanogen.data import nano_scenes as scenes
 from nanogen.errors import UserError
 from nanogen.eval.evaluate import cache_dir
 from nanogen.eval.images import to_uint8
+from nanogen.eval.t2i import geneval
 
-THRESHOLD = 0.3  # GenEval's detection threshold
-COUNTING_THRESHOLD = 0.9  # GenEval's threshold for the counting tag
-MAX_OBJECTS = 16  # per class
-POSITION_THRESHOLD = 0.1
+# GenEval's rules and constants, under the names this module has always offered
+from nanogen.eval.t2i.geneval import COUNTING_THRESHOLD as COUNTING_THRESHOLD
+from nanogen.eval.t2i.geneval import MAX_OBJECTS as MAX_OBJECTS
+from nanogen.eval.t2i.geneval import POSITION_THRESHOLD as POSITION_THRESHOLD
+from nanogen.eval.t2i.geneval import THRESHOLD as THRESHOLD
+from nanogen.eval.t2i.geneval import Detection as Detection
+from nanogen.eval.t2i.geneval import evaluate_image as evaluate
+from nanogen.eval.t2i.geneval import relative_position as relative_position
+from nanogen.eval.t2i.geneval import render_table as render_table
+
 INK_THRESHOLD = 0.25  # on the max-channel intensity in [0, 1]
 MIN_AREA = 5  # ink pixels at 32x32; smaller components are noise
 CROP, CROP_MAX = 16, 14  # classifier input: 16x16, objects at the 32x32 scale, at most 14 px
 _PALETTE_NAMES = list(scenes.PALETTE)
 _PALETTE_RGB = np.array([scenes.PALETTE[c] for c in _PALETTE_NAMES], np.float32)
-
-
-@dataclass(frozen=True)
-class Detection:
-    label: str  # digit name, "zero".."nine"
-    confidence: float  # classifier softmax of ``label``
-    box: tuple[float, float, float, float]  # (x0, y0, x1, y1), ends exclusive, in pixels
-    color: str  # nearest palette entry
 
 
 # --------------------------------------------------------------------------- crops (training and detection)
@@ -281,7 +279,9 @@ def _as_unit_rgb(images: Tensor | np.ndarray) -> np.ndarray:
 def detect(
     images: Tensor | np.ndarray, model: nn.Module, device: torch.device | str
 ) -> list[dict[str, list[Detection]]]:
-    """Per image, class name -> all its detections, most confident first (the rules apply the thresholds)."""
+    """Per image, class name -> all its detections, most confident first (the rules apply the thresholds).
+    A detection's label is a digit name, its score the classifier's softmax, its box ends exclusive and its
+    colour the nearest palette entry."""
     per_image = [components(rgb) for rgb in _as_unit_rgb(images)]
     crops = [c for objs in per_image for _, c, _ in objs]
     probs = _predict(model, np.stack(crops) if crops else np.zeros((0, CROP, CROP), np.float32), device)
@@ -293,67 +293,11 @@ def detect(
             label = scenes.DIGITS[int(cls[j])]
             found.setdefault(label, []).append(Detection(label, float(conf[j]), box, color))
             j += 1
-        out.append({c: sorted(d, key=lambda o: -o.confidence) for c, d in found.items()})
+        out.append({c: sorted(d, key=lambda o: -o.score) for c, d in found.items()})
     return out
 
 
-# --------------------------------------------------------------------------- GenEval's rules
-
-
-def relative_position(a: tuple[float, ...], b: tuple[float, ...]) -> set[str]:
-    """Relations of box ``a`` to box ``b`` (x0, y0, x1, y1; y grows downward), as GenEval: the centre offset,
-    shrunk towards 0 by 0.1 x (sum of the two boxes' sizes) per axis, then direction components beyond 0.5 of
-    the unshrunk offset's length name the relations; a fully absorbed offset means no relation."""
-    boxes = np.array([a, b], np.float64).reshape(2, 2, 2)  # (object, corner, xy)
-    center_a, center_b = boxes.mean(axis=1)
-    dim_a, dim_b = np.abs(boxes[:, 1] - boxes[:, 0])
-    offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rel = set()
-    if dx < -0.5:
-        rel.add("left of")
-    if dx > 0.5:
-        rel.add("right of")
-    if dy < -0.5:
-        rel.add("above")
-    if dy > 0.5:
-        rel.add("below")
-    return rel
-
-
-def _kept(detections: dict[str, list[Detection]], threshold: float) -> dict[str, list[Detection]]:
-    kept = {
-        c: [d for d in sorted(ds, key=lambda o: -o.confidence) if d.confidence > threshold][:MAX_OBJECTS]
-        for c, ds in detections.items()
-    }
-    return {c: ds for c, ds in kept.items() if ds}
-
-
-def evaluate(detections: dict[str, list[Detection]], meta: dict) -> bool:
-    """GenEval's per-image verdict for ``meta`` given every detection of the image."""
-    objects = _kept(detections, COUNTING_THRESHOLD if meta["tag"] == "counting" else THRESHOLD)
-    correct = True
-    matched: list[list[Detection] | None] = []  # per include group: its objects, or None when it failed
-    for req in meta.get("include", []):
-        found = objects.get(req["class"], [])[: req["count"]]
-        ok = len(found) >= req["count"]
-        if ok and "color" in req:
-            ok = sum(d.color == req["color"] for d in found) >= req["count"]
-        if ok and "position" in req:
-            relation, target = req["position"]
-            group = matched[target]
-            ok = group is not None and all(
-                relation in relative_position(d.box, t.box) for d in found for t in group
-            )
-        correct &= ok
-        matched.append(found if ok else None)
-    for req in meta.get("exclude", []):
-        if len(objects.get(req["class"], [])) >= req["count"]:
-            correct = False
-    return correct
+# --------------------------------------------------------------------------- scoring
 
 
 def score_images(
@@ -371,16 +315,25 @@ def score_images(
 def summarize(metadata: list[dict], correct: list[bool]) -> dict[str, float]:
     """Accuracy per tag (``nano_geneval/<tag>``), ``overall`` = mean of the tags present (GenEval's number)
     and ``per_image`` = mean over all images (the reference's number)."""
-    by_tag: dict[str, list[bool]] = {}
-    for m, c in zip(metadata, correct, strict=True):
-        by_tag.setdefault(m["tag"], []).append(bool(c))
-    out = {f"nano_geneval/{t}": float(np.mean(by_tag[t])) for t in scenes.TAGS if t in by_tag}
-    out["nano_geneval/overall"] = float(np.mean(list(out.values()))) if out else float("nan")
-    out["nano_geneval/per_image"] = float(np.mean(correct)) if len(correct) else float("nan")
-    return out
+    return geneval.summarize_sums(geneval.tag_sums(metadata, correct), "nano_geneval")
 
 
-def render_table(summary: dict[str, float]) -> str:
-    rows = [(k.removeprefix("nano_geneval/"), v) for k, v in summary.items()]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {v:6.3f}" for name, v in rows)
+class NanoGenEvalMetric:
+    """Nano GenEval under the text-to-image metric protocol (as ``geneval.GenEvalMetric``): each image adds
+    1.0 / 0.0 under its tag; the prompts are not needed, the metadata rows say everything."""
+
+    name = "nano_geneval"
+    keys = scenes.TAGS
+
+    def __init__(self, device: torch.device | str):
+        self.device = device
+        load_digit_classifier(device)  # train or load now, not inside the first scored batch
+
+    def score(self, images: Tensor, prompts: list[str], metadata: list[dict]) -> list[dict[str, float]]:
+        return [
+            {m["tag"]: float(ok)}
+            for m, ok in zip(metadata, score_images(images, metadata, self.device), strict=True)
+        ]
+
+    def summarize(self, sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+        return geneval.summarize_sums(sums, self.name)
