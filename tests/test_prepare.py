@@ -228,3 +228,36 @@ def test_prepare_models_by_name_or_hub_id_offline(monkeypatch):
     with pytest.raises(NotAvailableError) as e:
         prepare_models(["someone/some-model"])
     assert str(e.value) == "prepare --models: cannot download 'someone/some-model' (HF_HUB_OFFLINE=1 is set)"
+
+
+def test_fid_stats_group_fetches_the_adm_batch_by_url_and_the_fd_stats(tmp_path, monkeypatch, capsys):
+    from nanogen import prepare
+    from nanogen.eval import refstats
+
+    hub = FakeHub({"nanovisionx/nanogen-evals-stats": {"convnext_in256_t224_stats.npz": b"x"}})
+    got = []
+
+    def fake_url(url, local_dir):  # the real fetch_url is the only network path; never taken in tests
+        got.append(url)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        (local_dir / "VIRTUAL_imagenet256_labeled.npz").write_bytes(b"npz")
+        return "sha256:abc"
+
+    monkeypatch.setattr(prepare, "fetch_url", fake_url)
+
+    def download(repo_id, repo_type, local_dir):
+        return fake_url(repo_id, local_dir) if repo_type == "url" else hub(repo_id, repo_type, local_dir)
+
+    res = prepare_data("fid-stats", tmp_path, download=download)
+    assert [r.status for r in res] == ["done", "done"] and got == [refstats.ADM_REF_BATCH_URL]
+    assert refstats.preset_path("adm", tmp_path / "imagenet").is_file()  # where fid@adm looks
+    assert (tmp_path / "imagenet" / "fd-stats" / "convnext_in256_t224_stats.npz").is_file()
+
+
+def test_url_download_respects_offline_mode(tmp_path, monkeypatch):
+    from nanogen.prepare import fetch_url
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE=1"):
+        fetch_url("https://example.invalid/x.npz", tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -30,7 +30,11 @@ def test_tiny_run_writes_everything(tmp_path):
     assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6]
     assert any("eval_ema/fid_mnist" in r for r in recs) and res.evals[6]["fid_mnist"] > 0
     csv_rows = (d / "evals" / "a_ema.csv").read_text().splitlines()
-    assert csv_rows[0] == "step,fid_mnist" and csv_rows[1].startswith("6,")
+    header = csv_rows[0].split(",")
+    assert header[:6] == ["step", "config", "weights", "cfg_scale", "cfg_interval", "sampler_steps"]
+    assert {"fid_mnist", "num_samples_mnist", "seconds_mnist"} <= set(header) and csv_rows[1].startswith("6,a,ema,")
+    jsonl = [json.loads(x) for x in (d / "evals" / "results.jsonl").read_text().splitlines()]
+    assert len(jsonl) == 1 and jsonl[0]["step"] == 6 and jsonl[0]["num_samples_mnist"] == 4
     assert not (d / "evals" / "a_model.csv").exists()  # raw weights only with eval.eval_model
     again = load_config(d / "config.yaml")  # the saved config is a valid config of the same run
     assert again.stage_2.params == yaml.safe_load((d / "config.yaml").read_text())["stage_2"]["params"]

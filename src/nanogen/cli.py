@@ -159,19 +159,88 @@ def _sample_prompts(args: argparse.Namespace, cfg) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
     from nanogen import parallel
     from nanogen.build import build_conditioner, build_objective, build_tokenizer, load_network
-    from nanogen.eval.evaluate import check_metrics, evaluate
+    from nanogen.eval.evaluate import check_metrics, evaluate, record
+    from nanogen.log import print0
 
     cfg = _load(args)
     if cfg.eval is None or not cfg.eval.datasets:
         raise UserError("eval: the config has no eval.datasets; add one or use a task preset that has one (task=nano)")
     check_metrics(cfg)
+    config_name = Path(args.config).stem
+    out = Path(args.out or cfg.eval.eval_dir or Path(cfg.run.results_dir) / "evals").expanduser()
+    samples = None if args.no_samples else Path(args.samples_dir or out / "samples" / config_name).expanduser()
     info = parallel.init(cfg.run.device)
     net = load_network(cfg, args.ckpt, info.device)
-    res = evaluate(cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg, info.device), info)
-    for k, v in res.items():
-        print(f"{k}: {v:.4f}")
+    res = evaluate(
+        cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg, info.device), info,
+        seed=args.seed, samples_dir=samples,
+    )  # fmt: skip
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    record(cfg, out, "ema", args.step, res, config_name)
+    if args.json:
+        print0(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print0(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        print0(f"appended to {out / (cfg.run.name + '_ema.csv')} and {out / 'results.jsonl'}"
+               + (f"; samples in {samples}" if samples else ""))
+    return 0
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    import json
+
+    from nanogen import parallel
+    from nanogen.eval import fid_tool
+    from nanogen.eval.inception import InceptionFeatures
+    from nanogen.log import print0
+
+    info = parallel.init(args.device)
+    factory = _cached(lambda: InceptionFeatures(info.device))
+    a = fid_tool.set_stats(_preset_or_path(args.a, args.data_dir), factory, info, args.batch_size)
+    b = fid_tool.set_stats(_preset_or_path(args.b, args.data_dir), factory, info, args.batch_size)
+    fid = fid_tool.fid_between(a, b, method=args.method)
+    if args.json:
+        print0(json.dumps({"fid": fid, "a": args.a, "b": args.b, "n_a": a.n, "n_b": b.n}))
+    else:
+        print0(f"FID {fid:.4f}  ({args.a}: {a.n or '?'} images, {args.b}: {b.n or '?'} images)")
+    return 0
+
+
+def _preset_or_path(text: str, data_dir: str) -> str:
+    """``fid@jit`` / ``jit`` style preset names resolve to the published statistics file in ``data_dir``."""
+    from nanogen.eval import refstats
+
+    name = text.removeprefix("fid@")
+    if name in refstats.PRESETS and not os.path.exists(text):
+        path = refstats.preset_path(name, data_dir)
+        if not path.is_file():
+            raise UserError(f"{text}: {path} not found; fetch it with '{refstats.PRESETS[name].fetch}' or pass --data-dir")
+        refstats.check_preset_hash(name, path)
+        return str(path)
+    return text
+
+
+def _cached(factory):
+    box: list = []
+    return lambda: box[0] if box else (box.append(factory()) or box[0])
+
+
+def cmd_ref_stats(args: argparse.Namespace) -> int:
+    from nanogen import parallel
+    from nanogen.eval import fid_tool
+    from nanogen.eval.inception import InceptionFeatures
+    from nanogen.log import print0
+
+    info = parallel.init(args.device)
+    manifest = fid_tool.build_ref_stats(args.src, args.out, lambda: InceptionFeatures(info.device), info, args.batch_size, args.note)
+    print0(f"wrote {args.out}: mu/sigma of {manifest['num_images']} images ({manifest['extractor']})")
     return 0
 
 
@@ -264,13 +333,14 @@ def prepare_nano() -> None:
     GenEval digit classifier, and embed every nano caption with the MiniLM text encoder."""
     import torch
 
+    from nanogen import parallel
     from nanogen.build import build_conditioner
     from nanogen.config import load_config
     from nanogen.data import known_captions
     from nanogen.data.nano import load_nano
     from nanogen.demo import DEMO_CONFIG
-    from nanogen.eval.evaluate import builtin_reference, cache_dir
-    from nanogen.eval.inception import InceptionFeatures
+    from nanogen.eval import metrics
+    from nanogen.eval.evaluate import cache_dir, context
     from nanogen.eval.nano_geneval import load_digit_classifier
 
     cfg = load_config(DEMO_CONFIG)
@@ -278,8 +348,8 @@ def prepare_nano() -> None:
     print(f"nano tier: {len(tr)} train / {len(ho)} held-out MNIST digits (32x32 RGB)")
     assert cfg.eval is not None
     for name, ds in cfg.eval.datasets.items():
-        builtin_reference(name, ds, cfg.training.image_size, ds.num_samples, InceptionFeatures(torch.device("cpu")))
-    print(f"FID reference statistics cached in {cache_dir() / 'refstats'}")
+        metrics.builtin_moments(context(cfg, name, ds, parallel.DistInfo()), metrics.FeatureStreams(torch.device("cpu")))
+    print(f"FID reference features cached in {cache_dir() / 'features'}")
     _, accuracy = load_digit_classifier(torch.device("cpu"))
     print(f"nano GenEval digit classifier: held-out accuracy {accuracy:.4f} (cached in {cache_dir() / 'nano-geneval'})")
     t2i = load_config(DEMO_CONFIG, ["task=nano-t2i"])
@@ -499,12 +569,58 @@ def make_parser() -> Parser:
     p.add_argument("--nrow", type=int, default=8, help="images per grid row")
     p.add_argument("--out", type=_path, default="samples.png", help="output PNG (default samples.png)")
 
-    p = add("eval", cmd_eval, "evaluate a checkpoint on the config's eval.datasets (FID)",
-            "Generates eval.datasets.<name>.num_samples images per dataset with the config's sampler and guidance and\n"
-            "computes the listed metrics. Sample i uses noise seeded by i, so results do not depend on the number of\n"
-            "processes or the batch size.\n\nexample:\n  nanogen eval -c CONFIG --ckpt CKPT eval.datasets.mnist.num_samples=500")
+    p = add("eval", cmd_eval, "evaluate a checkpoint on the config's eval.datasets (FID, IS, FD_r, MIND, GenEval, ...)",
+            "Generates eval.datasets.<name>.num_samples images per dataset with the config's sampler and guidance\n"
+            "(EMA weights of --ckpt, or stage_2.ckpt of a sampling config) and computes the listed metrics.\n\n"
+            "Sample i uses noise seeded by i and the class i mod K (class-balanced: 50 per class for 50,000), so\n"
+            "results do not depend on the number of GPUs or the batch size. Samples are kept as uint8 shards\n"
+            "(<eval_dir>/samples/<config>/<set>/shard-*.npz, readable by 'nanogen fid'); after a crash, run the same\n"
+            "command again and finished shards are reused. Results are appended, with config, step, guidance and\n"
+            "sample counts, to <eval_dir>/<run name>_ema.csv and <eval_dir>/results.jsonl.\n\n"
+            "metrics (eval.datasets.<name>.metrics): fid, fid@jit, fid@adm, inception_score[@torch-fidelity|@adm],\n"
+            "  precision_recall, fd_<ext>, fdr_<ext>, fdr6, mind_<ext>, mind6, geneval, dpgbench,\n"
+            "  vqascore[_<model>], clipscore[@rawcos|@torchmetrics|@hessel], nano_geneval\n\n"
+            "examples:\n"
+            "  nanogen eval -c configs/stage2/sampling/imagenet/ddt-en28d1152hd72-dn2d2048hd128-rae-dinov2-vpred-t4c8-cfg4.8-t0.0-0.9.yaml\n"
+            "  torchrun --nproc_per_node=8 -m nanogen eval -c SAMPLING_CONFIG 'eval.datasets.imagenet.metrics=[fid,inception_score,fdr6]'\n"
+            "  nanogen eval -c CONFIG --ckpt CKPT eval.datasets.mnist.num_samples=500")
     _config_args(p)
     p.add_argument("--ckpt", default=None, help="checkpoint (default: stage_2.ckpt of the config)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (sample i gets seed (SEED, i); default 0)")
+    p.add_argument("--step", type=int, default=0, help="step to record in the CSV (default 0)")
+    p.add_argument("--out", default=None, metavar="DIR", help="results directory (default: eval.eval_dir, else <results_dir>/evals)")
+    p.add_argument("--samples-dir", default=None, metavar="DIR", help="where sample shards go (default <out>/samples/<config name>)")
+    p.add_argument("--no-samples", action="store_true", help="keep no sample shards (no resume after a crash)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+
+    p = add("fid", cmd_fid, "FID between two image sets or statistics files",
+            "A and B are each an image folder, a .npz of uint8 images (arr_0, NHWC; also a folder of nanogen sample\n"
+            "shards), a statistics .npz (mu, sigma; ADM's and JiT's files work), or a preset name (fid@jit, fid@adm)\n"
+            "found in --data-dir. Features: the TF-2015 Inception (pool3, TF1-bilinear resize to 299), float64\n"
+            "moments; the same code as evaluation during training. Under torchrun the images are split over processes.\n\n"
+            "examples:\n"
+            "  nanogen fid samples.npz fid@jit --data-dir data/imagenet\n"
+            "  nanogen fid results/evals/samples/CONFIG/imagenet data/imagenet/VIRTUAL_imagenet256_labeled.npz --json")
+    p.add_argument("a", metavar="A", help="first set: folder | images .npz | stats .npz | preset")
+    p.add_argument("b", metavar="B", help="second set")
+    p.add_argument("--json", action="store_true", help='print {"fid": ..., "n_a": ..., "n_b": ...}')
+    p.add_argument("--batch-size", type=int, default=100, help="images per Inception call (default 100)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--data-dir", default="./data/imagenet", help="where preset statistics live (default ./data/imagenet)")
+    p.add_argument("--method", default="auto", choices=["auto", "cholesky", "eigh", "sqrtm", "eig"],
+                   help="how Tr((S1 S2)^1/2) is computed (default auto: Cholesky, eigh for singular covariances)")
+
+    p = add("ref-stats", cmd_ref_stats, "build FID reference statistics (mu, sigma, manifest) from images",
+            "Computes the Inception pool3 mean and covariance of every image of SRC (a folder, a uint8 .npz or a\n"
+            "folder of sample shards) and writes OUT (.npz with mu, sigma and a manifest naming the extractor, its\n"
+            "weights hash, the image count and source). Files with a manifest refuse comparisons with statistics of\n"
+            "another extractor. Under torchrun the images are split over processes.\n\n"
+            "example:\n  nanogen ref-stats data/imagenet/imagenet-256-val.npz data/imagenet/val_in256_stats.npz")
+    p.add_argument("src", metavar="SRC", help="images: folder | uint8 .npz (arr_0) | sample shards folder")
+    p.add_argument("out", metavar="OUT", help="statistics file to write (.npz)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per Inception call (default 100)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--note", default="", help="free text stored in the manifest (e.g. the crop used)")
 
     p = add("model-info", cmd_model_info, "parameters, forward GFLOPs and token layout of a config's stage-2 network",
             "Builds the network on the meta device (no memory, no weights) and prints its parameter count (every\n"
@@ -569,14 +685,17 @@ def make_parser() -> Parser:
             "  --data t2i          diffusion-bench/blip3o-256 -> data/blip3o-256 (WebDataset shards)\n"
             "  --data eval         coco-30k, mjhq-30k, geneval, dpgbench, genaibench -> data/<name>\n"
             "  --data t2i-res512   the original BLIP3o shards -> data/blip3o/{long-caption,short-caption,journeydb}\n"
+            "  --data fid-stats    ADM's reference batch (fid@adm, precision_recall) -> data/imagenet/adm, and the six\n"
+            "                      FD_r statistics (nanovisionx/nanogen-evals-stats) -> data/imagenet/fd-stats\n"
             "  --data all          all of the above\n"
             "  --data nano         offline: the built-in tiers' caches (FID reference, nano GenEval classifier, captions)\n"
             "  --models            the released checkpoints, RAE decoders and stats -> pretrained_models/\n"
-            "  --models NAME[,..]  frozen networks (dinov2-vit-b, sdvae-ema, Qwen/Qwen3-0.6B, ...) into the HF cache\n"
+            "  --models NAME[,..]  frozen networks (dinov2-vit-b, sdvae-ema, Qwen/Qwen3-0.6B, ...) into the HF cache;\n"
+            "                      'fdr' = the five timm FD_r extractors, 'inception' = the Inception head for IS\n"
             "Resumable: rerun after an interruption; finished items (marked .nanogen-complete) are skipped. Offline, it\n"
             "says so in one line and names what is missing.\n\n"
             "examples:\n  nanogen prepare --data imagenet --models\n  nanogen prepare --data eval --data-dir /datasets")
-    p.add_argument("--data", default=None, choices=["nano", "all", "imagenet", "t2i", "t2i-res512", "eval"], help="what to prepare")
+    p.add_argument("--data", default=None, choices=["nano", "all", "imagenet", "t2i", "t2i-res512", "eval", "fid-stats"], help="what to prepare")
     p.add_argument("--models", nargs="?", const="", default=None, metavar="NAME[,NAME]",
                    help="alone: the released checkpoints; with names: frozen models by nanogen name or hub id")
     p.add_argument("--data-dir", default="./data", help="where datasets go (default ./data)")
@@ -698,7 +817,14 @@ def _summary(res) -> None:
     print0(f"done: step {res.step}, {res.images_per_s:.1f} img/s, {loss}, run dir {res.run_dir}")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"nanogen: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # warnings about the user's input read as one line, like errors
     parser = make_parser()
     try:
         args = parser.parse_args(argv)

@@ -86,6 +86,30 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's (n_r, ...) tensor in rank order (n_r may differ); a no-op on one process."""
+    if not dist.is_initialized():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    most = int(max(c.item() for c in counts))
+    padded = torch.zeros(most, *t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts, strict=True)])
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def wrap_for_training(objective: nn.Module, info: DistInfo, compile: bool) -> nn.Module:
     """DDP over the objective (the loss is its forward), then optionally torch.compile."""
     wrapped: nn.Module = objective

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from nanogen.errors import NotAvailableError, UserError
+from nanogen.eval.refstats import ADM_REF_BATCH_URL
 
 MARKER = ".nanogen-complete"
 
@@ -29,7 +30,7 @@ MARKER = ".nanogen-complete"
 @dataclass(frozen=True)
 class HubItem:
     repo_id: str
-    repo_type: str  # "dataset" or "model" (the hub keeps them in separate namespaces)
+    repo_type: str  # "dataset" or "model" (the hub keeps them in separate namespaces), or "url" (one plain file)
     local: str  # folder under the destination root ("" = the root itself)
     expects: tuple[str, ...] = ()  # paths inside it that the configs read; checked after the download
 
@@ -49,6 +50,13 @@ DATA_ITEMS: dict[str, HubItem] = {
     "blip3o-original-sc": HubItem("BLIP3o/BLIP3o-Pretrain-Short-Caption", "dataset", "blip3o/short-caption"),
     "blip3o-original-jdb": HubItem("BLIP3o/BLIP3o-Pretrain-JourneyDB", "dataset", "blip3o/journeydb"),
 }  # fmt: skip
+
+# Not in the reference's script: evaluation.md §1.4 (ADM's reference batch, for fid@adm and precision/recall) and
+# §2.1 (the six FD_r reference statistics, which the reference's evaluator downloads at first use).
+EVAL_STATS_ITEMS: dict[str, HubItem] = {
+    "adm-ref-batch": HubItem(ADM_REF_BATCH_URL, "url", "imagenet/adm", expects=("VIRTUAL_imagenet256_labeled.npz",)),
+    "fd-stats": HubItem("nanovisionx/nanogen-evals-stats", "dataset", "imagenet/fd-stats"),
+}
 
 DATA_GROUPS: dict[str, tuple[str, ...]] = {
     "imagenet": ("imagenet",),
@@ -100,11 +108,36 @@ def hub_id(name: str) -> str:
     )
 
 
+def _expand_eval_models(names: list[str]) -> list[str]:
+    """'fdr' stands for the five timm FD_r extractors (evaluation.md §2.1)."""
+    from nanogen.eval.representations import FDR_HUB_IDS
+
+    return [m for n in names for m in (FDR_HUB_IDS if n == "fdr" else [n])]
+
+
+def fetch_inception_head() -> Path:
+    """torch-fidelity's Inception weights (with the 1008-class head that the Inception Score needs) into the
+    torch hub cache, where ``eval/inception.py`` looks for them."""
+    import torch
+
+    from nanogen.eval.inception import TORCH_FIDELITY_FILE, TORCH_FIDELITY_URL
+
+    dest = Path(torch.hub.get_dir()) / "checkpoints"
+    try:
+        fetch_url(TORCH_FIDELITY_URL, dest)
+    except OSError as e:
+        raise NotAvailableError(f"prepare --models inception: cannot download {TORCH_FIDELITY_URL} ({_short_reason(e)})") from None
+    return dest / TORCH_FIDELITY_FILE
+
+
 def prepare_models(names: list[str]) -> None:
     """Fetch each named network into the Hugging Face cache; the first failure raises one line."""
     from huggingface_hub import snapshot_download
 
-    for name in names:
+    for name in _expand_eval_models(names):
+        if name == "inception":
+            print(f"inception: {fetch_inception_head()}")
+            continue
         repo = hub_id(name)
         try:
             path = snapshot_download(repo)
@@ -113,8 +146,33 @@ def prepare_models(names: list[str]) -> None:
         print(f"{name}: {repo} -> {path}")
 
 
+def fetch_url(url: str, local_dir: Path) -> str:
+    """Download one file into ``local_dir`` (resuming a ``.part`` file with an HTTP Range request); returns
+    ``sha256:<hash>`` of the finished file as its 'commit'."""
+    import urllib.request
+
+    from nanogen.eval.refstats import sha256_file
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConnectionRefusedError("HF_HUB_OFFLINE=1 is set")  # offline means offline for plain URLs too
+    local_dir.mkdir(parents=True, exist_ok=True)
+    dest = local_dir / url.rsplit("/", 1)[-1]
+    part = dest.with_name(dest.name + ".part")
+    if not dest.is_file():
+        have = part.stat().st_size if part.is_file() else 0
+        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if r.status == 206 else "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(part, dest)
+    return f"sha256:{sha256_file(dest)}"
+
+
 def fetch_snapshot(repo_id: str, repo_type: str, local_dir: Path) -> str:
-    """The real ``download``: resolve the commit, then ``snapshot_download`` exactly that commit into local_dir."""
+    """The real ``download``: resolve the commit, then ``snapshot_download`` exactly that commit into local_dir
+    (a plain URL, repo_type "url", is fetched by ``fetch_url``)."""
+    if repo_type == "url":
+        return fetch_url(repo_id, local_dir)
     from huggingface_hub import HfApi, snapshot_download
 
     # Resolve first, on purpose: when the hub is unreachable, snapshot_download returns a non-empty local_dir as it
@@ -126,10 +184,12 @@ def fetch_snapshot(repo_id: str, repo_type: str, local_dir: Path) -> str:
 
 
 def prepare_data(group: str, data_dir: Path, *, download: Download = fetch_snapshot) -> list[PrepareResult]:
-    """Fetch every item of ``group`` (a key of DATA_GROUPS) into ``data_dir``; raise one UserError if any failed."""
-    if group not in DATA_GROUPS:
-        raise UserError(f"prepare --data: unknown group '{group}'; use one of {', '.join(DATA_GROUPS)}")
-    items = {name: DATA_ITEMS[name] for name in DATA_GROUPS[group]}
+    """Fetch every item of ``group`` (a key of DATA_GROUPS, or "fid-stats") into ``data_dir``; raise one
+    UserError if any failed."""
+    groups = {**DATA_GROUPS, "fid-stats": tuple(EVAL_STATS_ITEMS)}
+    if group not in groups:
+        raise UserError(f"prepare --data: unknown group '{group}'; use one of {', '.join(groups)}")
+    items = {name: {**DATA_ITEMS, **EVAL_STATS_ITEMS}[name] for name in groups[group]}
     return _prepare(items, Path(data_dir), download, rerun=f"nanogen prepare --data {group}")
 
 

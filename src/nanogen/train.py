@@ -43,7 +43,7 @@ from nanogen.ema import EMA
 from nanogen.errors import UserError
 from nanogen.eval import generate as gen
 from nanogen.latents.base import to_unit
-from nanogen.log import MetricsLog, append_csv, print0, progress, read_metrics
+from nanogen.log import MetricsLog, print0, progress, read_metrics
 from nanogen.optim import build_optimizer, build_scheduler
 from nanogen.viz import save_captioned_grid, save_grid, save_loss_curve
 
@@ -200,18 +200,19 @@ def train(cfg: Stage2Config) -> TrainResult:
 
     def run_eval(tag: str) -> None:
         """EMA weights always, raw weights too with eval.eval_model; metrics.jsonl + one CSV per weight kind."""
-        from nanogen.eval.evaluate import evaluate
+        from nanogen.eval.evaluate import evaluate, record, summary_line
 
         assert cfg.eval is not None
         kinds = [("ema", ema_objective)] + ([("model", objective)] if cfg.eval.eval_model else [])
+        out = eval_dir(cfg, run_dir)
         for kind, obj in kinds:
-            res = evaluate(cfg, obj, tokenizer, conditioner, info, seed=0, tag=f"{tag} [{kind}]")
+            samples = out / "samples" / cfg.run.name / f"step-{step:07d}-{kind}" if cfg.eval.save_samples else None
+            res = evaluate(cfg, obj, tokenizer, conditioner, info, seed=0, tag=f"{tag} [{kind}]", samples_dir=samples)
             if kind == "ema":
                 result.evals[step] = res
-            print0(f"eval{tag} [{kind}]: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()))
+            print0(f"eval{tag} [{kind}]: {summary_line(res)}")
             metrics.log(step, **{f"eval_{kind}/{k}": v for k, v in res.items()})
-            if info.is_main:
-                append_csv(eval_dir(cfg, run_dir) / f"{cfg.run.name}_{kind}.csv", {"step": step, **res})
+            record(cfg, out, kind, step, res, cfg.run.name)
 
     if cfg.eval is not None and cfg.eval.eval_at_start and step == 0:
         run_eval(" (untrained)")

@@ -87,8 +87,12 @@ class EvalDatasetConfig:
     reference_npz: str | None = None  # reference Inception statistics; required for "fid" on external sets
     metrics: list[str] = field(default_factory=lambda: ["fid"])
     target: str | None = None  # dataset name; None = the key of this entry
-    num_samples: int = 50000  # generated images per evaluation
+    num_samples: int = 50000  # generated images per evaluation (text sets: at most one per prompt x images_per_prompt)
     batch_size: int = 64  # generation batch per process
+    images_per_prompt: int = 1  # text sets: samples per prompt (the reference: 1; official GenEval / DPG-Bench: 4)
+    reference_images: str | None = None  # real images (folder or uint8 .npz) for mind_* and precision_recall
+    stats_dir: str | None = None  # published FD_r statistics (fd_*/fdr_*); None = <data_dir>/fd-stats
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-metric options, e.g. {vqascore: {model: ...}}
 
 
 @dataclass
@@ -97,6 +101,8 @@ class EvalConfig:
     eval_model: bool = False  # also evaluate the raw (non-EMA) weights
     eval_dir: str | None = None  # where metric CSVs (<run.name>_{ema,model}.csv) go; None = <run dir>/evals
     eval_at_start: bool = False  # also evaluate the untrained model (a baseline for the curve)
+    save_samples: bool = False  # keep uint8 sample shards under <eval_dir>/samples/<run>/<step>/ (nanogen eval always does)
+    shard_size: int | None = None  # samples per shard; None = about 4 shards per process, at most 1000
     datasets: dict[str, EvalDatasetConfig] = field(default_factory=dict)
 
 
