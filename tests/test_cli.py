@@ -10,7 +10,7 @@ from nanogen.cli import main
 
 SUBCOMMANDS = [
     "demo", "train", "sample", "eval", "model-info", "convert-checkpoint", "benchmark", "prepare", "train-stage1",
-    "eval-stage1", "configs", "compute-stats", "extract-latents", "fid", "ref-stats", "benchmark-data",
+    "eval-stage1", "configs", "compute-stats", "extract-latents", "fid", "ref-stats", "benchmark-data", "benchmark-eval",
 ]  # fmt: skip
 
 
