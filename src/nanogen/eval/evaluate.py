@@ -43,6 +43,8 @@ def check_metrics(cfg: Stage2Config) -> None:
         if ds.images_per_prompt < 1:
             raise UserError(f"eval.datasets.{name}.images_per_prompt: must be >= 1, got {ds.images_per_prompt}")
         M.check(name, ds, text)
+        if text:
+            eval_prompts(name, ds)  # the prompt set is there and readable now, not after hours of training
 
 
 def eval_prompts(name: str, ds: EvalDatasetConfig) -> list[tuple[str, dict]]:

@@ -50,9 +50,13 @@ def image_moments(source: ImageSource, extractor, info: parallel.DistInfo, batch
     return mom
 
 
-def warn_if_few(n: int, what: str) -> None:
+def require_two(n: int, what: str) -> None:
     if n < 2:
         raise UserError(f"{what}: {n} image(s); FID needs at least 2 (and 50,000 for numbers comparable with papers)")
+
+
+def warn_if_few(n: int, what: str) -> None:
+    """After the features are in (so that a bad image later in the set is reported alone, as an error)."""
     if n < FEW_SAMPLES:
         warnings.warn(
             f"{what}: only {n} images (< {FEW_SAMPLES}, the feature dimension): the covariance is singular and FID is "
@@ -68,9 +72,10 @@ def set_stats(path: str, extractor_factory, info: parallel.DistInfo, batch_size:
         st = refstats.load(p, what=f"statistics '{path}'")
         return SetStats(st.mu, st.sigma, st.manifest.get("num_images"), st.manifest, path)
     source = ImageSource(p)
-    warn_if_few(len(source), str(path))
+    require_two(len(source), str(path))
     extractor = extractor_factory()
     mom = image_moments(source, extractor, info, batch_size)
+    warn_if_few(mom.n, str(path))
     mu, sigma = mom.mean_cov()
     return SetStats(mu, sigma, mom.n, {"extractor": extractor.extractor_id}, path)
 
@@ -88,9 +93,10 @@ def fid_between(a: SetStats, b: SetStats, method: FrechetMethod = "auto") -> flo
 def build_ref_stats(src: str, out: str, extractor_factory, info: parallel.DistInfo, batch_size: int, note: str = "") -> dict:
     """Write ``out`` (mu, sigma, manifest) from the images of ``src``; returns the manifest."""
     source = ImageSource(src)
-    warn_if_few(len(source), src)
+    require_two(len(source), src)
     extractor = extractor_factory()
     mom = image_moments(source, extractor, info, batch_size)
+    warn_if_few(mom.n, src)
     mu, sigma = mom.mean_cov()
     manifest = {
         "extractor": extractor.extractor_id,

@@ -134,8 +134,13 @@ def check(name: str, ds: EvalDatasetConfig, text: bool) -> None:
             if not ds.reference_npz:
                 raise UserError(f"eval.datasets.{name}.reference_npz: 'fid' on '{name}' needs reference statistics (mu, sigma); or use fid@jit / fid@adm")
             refstats.load(ds.reference_npz, what=f"eval.datasets.{name}.reference_npz")
+        if base == "inception_score":
+            from nanogen.eval.inception import inception_head_missing_message, torch_fidelity_path
+
+            if torch_fidelity_path() is None:
+                raise UserError(f"{where}: '{m}': {inception_head_missing_message()}")
         if base == "fid" and variant is not None:
-            refstats.load(refstats.preset_path(variant, ds.data_dir), what=f"{where}: {m}")
+            refstats.load(refstats.preset_path(variant, ds.data_dir), what=f"{where}: {m}", fetch=refstats.PRESETS[variant].fetch)
         if base in ("precision_recall", "mind", "mind6") and ds.type != "builtin":
             if not ds.reference_images:
                 raise UserError(f"eval.datasets.{name}.reference_images: '{m}' compares with real images; set it to an image folder or a uint8 .npz (e.g. imagenet-256-val.npz)")

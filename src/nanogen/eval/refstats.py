@@ -111,11 +111,13 @@ def is_stats_file(path: str | Path) -> bool:
         return False
 
 
-def load(path: str | Path, dim: int | None = None, what: str = "reference statistics") -> ReferenceStats:
+def load(
+    path: str | Path, dim: int | None = None, what: str = "reference statistics", fetch: str = "nanogen prepare --data imagenet"
+) -> ReferenceStats:
     """Read a statistics npz; every problem is one line naming the file and the fix."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UserError(f"{what}: '{path}' not found; build it with nanogen ref-stats or fetch it (nanogen prepare --data imagenet)")
+        raise UserError(f"{what}: '{path}' not found; fetch it ({fetch}) or build one with nanogen ref-stats")
     try:
         f = np.load(p)
     except (OSError, ValueError) as e:
