@@ -332,3 +332,21 @@ def test_meter_input_errors():
         meter.update(torch.zeros(1, 3, 8, 8, dtype=torch.int64), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError, match="quantize"):
         ReconstructionMeter(quantize="nearest")
+
+
+def test_ssim_and_psnr_against_live_scikit_image():
+    """The same comparisons as the hard-coded values above, against scikit-image itself (a dev dependency):
+    the SSIM map's interior equals skimage's full map with torchmetrics' settings, PSNR equals skimage's."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    recon, ref = _pair(seed=11, shape=(2, 3, 24, 19))
+    ours = ssim_map(torch.from_numpy(recon), torch.from_numpy(ref)).numpy()
+    for i in range(2):
+        _, full = structural_similarity(
+            recon[i], ref[i], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0,
+            channel_axis=0, full=True,
+        )  # fmt: skip
+        np.testing.assert_allclose(ours[i][:, 5:-5, 5:-5], full[:, 5:-5, 5:-5], rtol=0, atol=1e-10)
+    psnr = psnr_per_image(torch.from_numpy(recon), torch.from_numpy(ref)).numpy()
+    expected = [peak_signal_noise_ratio(ref[i], recon[i], data_range=1.0) for i in range(2)]
+    np.testing.assert_allclose(psnr, expected, rtol=1e-12)
