@@ -2,6 +2,7 @@
 metadata schema, the summary conventions, Mask2Former post-processing on synthetic outputs, tiny random HF
 backends saved to a temp folder, and the metric protocol end-to-end with fake backends."""
 
+import json
 import math
 import string
 
@@ -613,3 +614,17 @@ def test_nano_geneval_metric_shares_the_protocol_and_the_summary(monkeypatch):
         "nano_geneval/colors": 0.5, "nano_geneval/position": 1.0, "nano_geneval/overall": 0.75,
         "nano_geneval/per_image": pytest.approx(2 / 3),
     }  # fmt: skip
+
+
+def test_metadata_looked_up_by_prompt_when_rows_carry_only_text(tmp_path):
+    """The reference's prompt sets (Arrow, column text) carry no GenEval metadata: it is looked up by prompt."""
+    meta = row("single_object", clause())
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text(json.dumps({**meta, "prompt": "a photo of a dog"}) + "\n")
+    metric = G.GenEvalMetric("cpu", detector=FakeDetector([{}, {}]), color_classifier=FakeColors(), metadata=str(path))
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    assert metric.score(images[:1], ["a photo of a dog"], [{}]) == [{"single_object": 0.0}]  # no detections
+    with pytest.raises(UserError, match="has no GenEval metadata.*options.geneval.metadata"):
+        metric.score(images[:1], ["a photo of a cat"], [{}])
+    with pytest.raises(UserError, match="not found"):
+        G.GenEvalMetric("cpu", detector=FakeDetector([]), color_classifier=FakeColors(), metadata=str(tmp_path / "x"))

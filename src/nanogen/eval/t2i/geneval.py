@@ -41,8 +41,10 @@ dependency).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -517,8 +519,12 @@ class GenEvalMetric:
         device: torch.device | str,
         detector: Detector | str = DEFAULT_DETECTOR_MODEL,
         color_classifier: ColorClassifier | str = DEFAULT_CLIP_MODEL,
+        metadata: str | None = None,
     ):
-        """``detector`` / ``color_classifier``: a hub id or local directory of the HF model, or a backend."""
+        """``detector`` / ``color_classifier``: a hub id or local directory of the HF model, or a backend.
+        ``metadata``: GenEval's ``evaluation_metadata.jsonl``, for prompt sets whose rows carry only the prompt
+        (the reference looks metadata up by exact prompt string, as this does)."""
+        self.by_prompt = _metadata_by_prompt(metadata) if metadata else {}
         self.detector = Mask2FormerDetector(detector, device) if isinstance(detector, str) else detector
         self.colors = (
             ClipColorClassifier(color_classifier, device)
@@ -537,7 +543,7 @@ class GenEvalMetric:
                 f"pass one prompt and one row per image"
             )
         rows = [
-            parse_metadata(m, f"GenEval metadata of prompt {p!r}")
+            parse_metadata(self._row(p, m), f"GenEval metadata of prompt {p!r}")
             for p, m in zip(prompts, metadata, strict=True)
         ]
         found = self.detector(images)
@@ -548,5 +554,31 @@ class GenEvalMetric:
             out.append({row["tag"]: float(ok)})
         return out
 
+    def _row(self, prompt: str, meta: dict) -> dict:
+        if "tag" in meta and "include" in meta:
+            return meta
+        if prompt in self.by_prompt:
+            return self.by_prompt[prompt]
+        raise UserError(
+            f"GenEval: prompt {prompt!r} has no GenEval metadata (tag, include); point "
+            f"eval.datasets.<set>.options.geneval.metadata at GenEval's evaluation_metadata.jsonl"
+        )
+
     def summarize(self, sums: dict[str, tuple[float, float]]) -> dict[str, float]:
         return summarize_sums(sums, self.name)
+
+
+def _metadata_by_prompt(path: str) -> dict[str, dict]:
+    """prompt -> metadata row of a GenEval ``evaluation_metadata.jsonl`` (553 rows, unique prompts)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"GenEval metadata '{path}' not found; fetch GenEval's prompts/evaluation_metadata.jsonl")
+    rows: dict[str, dict] = {}
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"GenEval metadata '{path}' line {i}: not JSON ({e.msg})") from None
+            rows[row.get("prompt", "")] = row
+    return rows
