@@ -137,6 +137,9 @@ def check(name: str, ds: EvalDatasetConfig, text: bool) -> None:
         if base == "inception_score":
             from nanogen.eval.inception import inception_head_missing_message, torch_fidelity_path
 
+            if ds.num_samples < 10:
+                raise UserError(f"eval.datasets.{name}.num_samples: '{m}' splits the samples 10 ways; use at least 10 (papers: 50,000)")
+
             if torch_fidelity_path() is None:
                 raise UserError(f"{where}: '{m}': {inception_head_missing_message()}")
         if base == "fid" and variant is not None:
@@ -225,10 +228,18 @@ class _FeatureSet(Metric):
 
     def gathered(self) -> Tensor:
         dev = self.ctx.info.device
-        f = torch.cat(self.feats) if self.feats else torch.zeros(0, 1)
+        f = torch.cat(self.feats) if self.feats else torch.zeros(0, _stream_dim(self.stream))  # a rank with no samples
         all_f = parallel.gather_rows(f.to(dev)).cpu()
         all_i = parallel.gather_rows(torch.tensor(self.index, dtype=torch.long, device=dev)).cpu()
         return all_f[torch.argsort(all_i)]
+
+
+def _stream_dim(stream: str) -> int:
+    if stream == INCEPTION:
+        return 2048
+    from nanogen.eval.representations import REPRESENTATIONS
+
+    return REPRESENTATIONS[stream.removeprefix("repr:")].dim
 
 
 class PrecisionRecall(_FeatureSet):
