@@ -148,3 +148,39 @@ def test_builtin_reference_is_class_balanced():
         j = int(np.argmin(((split.images + 1) * 127.5 - im.float()).abs().flatten(1).sum(1)))
         labels.append(int(split.labels[j]))
     assert labels == [i % 10 for i in range(20)]
+
+
+class _StubSpace(torch.nn.Module):
+    """A fixed random projection standing in for a timm backbone (no weights offline)."""
+
+    def __init__(self, key, dim):
+        super().__init__()
+        self.extractor_id = f"stub/{key}"
+        self.proj = torch.randn(3 * 8 * 8, dim, generator=torch.Generator().manual_seed(len(key)), dtype=torch.float64)
+
+    def forward(self, images):
+        x = torch.nn.functional.interpolate(images.double(), size=(8, 8), mode="area").flatten(1) / 255
+        return x @ self.proj
+
+
+def test_fdr6_and_mind6_through_the_registry(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from nanogen.eval import refstats, representations
+
+    monkeypatch.setattr(representations, "build_extractor", lambda key, device="cpu", weights=None: _StubSpace(key, representations.REPRESENTATIONS[key].dim))
+    for rep in representations.REPRESENTATIONS.values():
+        refstats.save(tmp_path / "stats" / rep.stats_file, np.full(rep.dim, 0.1), np.eye(rep.dim), {})
+    common = ["eval", "-c", TINY, "--ckpt", tiny_ckpt, "--out", str(tmp_path), "--json", "--no-samples",
+              "eval.datasets.mnist.num_samples=8", "eval.datasets.mnist.batch_size=4"]  # fmt: skip
+    assert main([*common, "eval.datasets.mnist.metrics=[mind6]"]) == 0
+    mind = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(k for k in mind if k.startswith("mind_")) == sorted(f"mind_{k}_mnist" for k in representations.REPRESENTATIONS)
+    assert "mind6_mnist" not in mind  # the reference reports the six, no aggregate
+    assert all(v > 0 for k, v in mind.items() if k.startswith("mind_"))
+    hf = ["eval.datasets.mnist.type=hf", f"eval.datasets.mnist.stats_dir={tmp_path / 'stats'}"]
+    with pytest.warns(UserWarning):
+        assert main([*common, *hf, "eval.datasets.mnist.metrics=[fdr6]"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key, rep in representations.REPRESENTATIONS.items():
+        assert res[f"fdr_{key}_mnist"] == pytest.approx(res[f"fd_{key}_mnist"] / rep.norm_const, rel=1e-12)
+    six = [res[f"fdr_{k}_mnist"] for k in representations.REPRESENTATIONS]
+    assert res["fdr6_mnist"] == pytest.approx(sum(six) / 6, rel=1e-12)

@@ -139,7 +139,6 @@ def check(name: str, ds: EvalDatasetConfig, text: bool) -> None:
 
             if ds.num_samples < 10:
                 raise UserError(f"eval.datasets.{name}.num_samples: '{m}' splits the samples 10 ways; use at least 10 (papers: 50,000)")
-
             if torch_fidelity_path() is None:
                 raise UserError(f"{where}: '{m}': {inception_head_missing_message()}")
         if base == "fid" and variant is not None:
@@ -189,11 +188,11 @@ class FID(Metric):
         return {self.key: frechet_distance(*gen.mean_cov(), mu, sigma)}
 
 
-def _warn_few(n: int, key: str) -> None:
+def _warn_few(n: int, key: str, dim: int = 2048) -> None:
     if n < 2:
-        raise UserError(f"{key}: {n} generated sample(s); FID needs at least 2 (num_samples)")
-    if n < 2048:
-        warnings.warn(f"{key}: {n} samples (< 2048 features): the covariance is singular and the score biased upwards; papers use 50,000", stacklevel=3)
+        raise UserError(f"{key}: {n} generated sample(s); a Fréchet distance needs at least 2 (num_samples)")
+    if n < dim:
+        warnings.warn(f"{key}: {n} samples (< {dim} features): the covariance is singular and the score biased upwards; papers use 50,000", stacklevel=3)
 
 
 class InceptionScore(Metric):
@@ -290,9 +289,32 @@ class FDr(Metric):
         from nanogen.eval.representations import fdr
 
         gen = self.moments.reduce(parallel.all_reduce_sum, self.ctx.info.device)
-        ref = refstats.load(fdr_stats_path(self.ctx.ds, self.ext), dim=gen.dim, what=f"fd_{self.ext} reference")
+        _warn_few(gen.n, f"fd_{self.ext}_{self.ctx.name}", gen.dim)
+        ref = refstats.load(fdr_stats_path(self.ctx.ds, self.ext), dim=gen.dim, what=f"fd_{self.ext} reference", fetch="nanogen prepare --data fid-stats")
         fd = frechet_distance(*gen.mean_cov(), ref.mu, ref.sigma)
         return {f"fd_{self.ext}_{self.ctx.name}": fd, f"fdr_{self.ext}_{self.ctx.name}": fdr(fd, self.ext)}
+
+
+class FDr6(Metric):
+    """The six FD_r spaces and their mean ``fdr6_<set>`` (reported only when all six are finite, as the
+    reference does; the six values are reported either way)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.parts = ctx, [FDr(ctx, k) for k in _extractor_keys()]
+        self.needs = tuple(dict.fromkeys(p.needs[0] for p in self.parts))
+
+    def update(self, feats, images, idx):
+        for p in self.parts:
+            p.update(feats, images, idx)
+
+    def result(self):
+        from nanogen.eval.representations import fdr6
+
+        out: dict[str, float] = {}
+        for p in self.parts:
+            out.update(p.result())
+        out[f"fdr6_{self.ctx.name}"] = fdr6({p.ext: out[f"fdr_{p.ext}_{self.ctx.name}"] for p in self.parts})
+        return out
 
 
 class PromptScores(Metric):
@@ -390,7 +412,7 @@ def build(ctx: Context, streams: FeatureStreams) -> list[Metric]:
         elif base in ("fd", "fdr"):
             out.append(FDr(ctx, variant))  # type: ignore[arg-type]
         elif base == "fdr6":
-            out += [FDr(ctx, k) for k in _extractor_keys()]
+            out.append(FDr6(ctx))
         elif base in ("mind", "mind6"):
             for ext in [variant] if base == "mind" else list(_extractor_keys()):
                 stream = INCEPTION if ext == "inception" else f"repr:{ext}"
