@@ -412,7 +412,7 @@ def test_clipscore_hf_path_names_and_protocol(tiny_clip):
 def test_missing_model_is_one_line(tmp_path):
     with pytest.raises(UserError) as e:
         CLIPScoreMetric(CPU, model=str(tmp_path / "nowhere"))
-    one_line_error(e, "hf download")
+    one_line_error(e, "nanogen prepare --models")
 
 
 def test_to_pil_is_the_identity_on_pixels():

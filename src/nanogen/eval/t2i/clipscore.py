@@ -24,7 +24,7 @@ from PIL import Image
 from torch import Tensor
 
 from nanogen.errors import UserError
-from nanogen.eval.t2i.vqascore import load_pretrained, to_pil
+from nanogen.eval.t2i.common import load_pretrained, to_pil
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 

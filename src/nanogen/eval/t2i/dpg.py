@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor
 
 from nanogen.errors import UserError
-from nanogen.eval.t2i.vqascore import load_pretrained, require, to_pil
+from nanogen.eval.t2i.common import load_pretrained, require, to_pil
 
 L1_CATEGORIES = ("entity", "attribute", "relation", "global", "other")
 QUESTION_COLUMNS = ("proposition_id", "dependency", "tuple", "question_natural_language")

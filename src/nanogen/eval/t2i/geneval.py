@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from nanogen.errors import UserError
+from nanogen.eval.t2i.common import load_pretrained
 
 THRESHOLD = 0.3  # GenEval's detection threshold
 COUNTING_THRESHOLD = 0.9  # ... on images of the counting tag
@@ -342,13 +343,6 @@ class ColorClassifier(Protocol):
         ...
 
 
-def _not_loadable(what: str, source: str, option: str, err: BaseException) -> UserError:
-    return UserError(
-        f"GenEval: cannot load the {what} '{source}' ({str(err).splitlines()[0][:160]}); fetch it once with "
-        f"'nanogen prepare --models {source}' (needs network), or pass {option}=/local/copy"
-    )
-
-
 def coco_labels(id2label: Mapping[int, str], source: str) -> list[str | None]:
     """A detector's label ids -> GenEval class names (None: not a GenEval class, dropped)."""
     names = [HF_LABEL_NAMES.get(id2label[i], id2label[i]) for i in range(len(id2label))]
@@ -418,11 +412,9 @@ class Mask2FormerDetector:
     ):
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-        try:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(source)
-            self.processor = Mask2FormerImageProcessor.from_pretrained(source)
-        except (OSError, ValueError) as e:
-            raise _not_loadable("detector", source, "detector", e) from None
+        local = "detector=/local/copy"
+        model = load_pretrained(Mask2FormerForUniversalSegmentation.from_pretrained, source, "GenEval detector", local=local)
+        self.processor = load_pretrained(Mask2FormerImageProcessor.from_pretrained, source, "GenEval detector", local=local)
         self.labels = coco_labels(model.config.id2label, source)
         self.device, self.min_score = torch.device(device), min_score
         self.size = {"shortest_edge": resize[0], "longest_edge": resize[1]}
@@ -467,13 +459,10 @@ class ClipColorClassifier:
     ):
         from transformers import CLIPModel, CLIPProcessor
 
-        try:
-            model = CLIPModel.from_pretrained(source)
-            self.processor = CLIPProcessor.from_pretrained(
-                source, backend="pil"
-            )  # the reference's slow processor
-        except (OSError, ValueError) as e:
-            raise _not_loadable("colour classifier", source, "color_classifier", e) from None
+        local = "color_classifier=/local/copy"
+        model = load_pretrained(CLIPModel.from_pretrained, source, "GenEval colour classifier", local=local)
+        # the reference's slow (PIL) processor
+        self.processor = load_pretrained(CLIPProcessor.from_pretrained, source, "GenEval colour classifier", local=local, backend="pil")
         self.device, self.colors = torch.device(device), tuple(colors)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self._weights: dict[str, Tensor] = {}  # class name -> (D, colours), built on first use

@@ -27,12 +27,10 @@ The helpers at the end (optional packages, pretrained loading, uint8 -> PIL) are
 
 from __future__ import annotations
 
-import importlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +38,7 @@ from PIL import Image
 from torch import Tensor
 
 from nanogen.errors import UserError
+from nanogen.eval.t2i.common import load_pretrained, require, to_pil
 
 QUESTION_TEMPLATE = 'Does this figure show "{}"? Please answer yes or no.'
 ANSWER = "Yes"
@@ -177,33 +176,3 @@ class VQAScoreMetric:
     def summarize(self, sums: dict[str, tuple[float, float]]) -> dict[str, float]:
         total, count = sums["score"]
         return {self.label: total / count if count else float("nan")}
-
-
-# --------------------------------------------------------------------------- shared by the T2I wrappers
-
-T = TypeVar("T")
-
-
-def require(module: str, what: str, install: str) -> ModuleType:
-    """Import an optional package, or one line naming what needs it and the pip install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"{what} needs the '{module}' package ({str(e).splitlines()[0]}); "
-                        f"install it with: pip install '{install}'") from None
-
-
-def load_pretrained(load: Callable[..., T], source: str, what: str, **kwargs) -> T:
-    """``load(source)`` (a ``from_pretrained``), or one line saying how to get the weights."""
-    try:
-        return load(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{what}: cannot load '{source}' ({str(e).splitlines()[0][:160]}); fetch it once with "
-                        f"`hf download {source}` (needs network) or pass a local directory") from None
-
-
-def to_pil(image: Tensor) -> Image.Image:
-    """A uint8 (3, H, W) image as PIL, the input every VQA / CLIP processor of the references receives."""
-    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a uint8 (3, H, W) image, got {image.dtype} {tuple(image.shape)}")
-    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
