@@ -75,7 +75,10 @@ def test_torchrun_eval_gives_the_single_process_samples_and_scores(tmp_path):
         assert out[2][k] == pytest.approx(out[1][k], rel=1e-6), k
     import numpy as np
 
+    (d1,) = (tmp_path / "w1" / "samples" / "tiny-cpu-test").iterdir()
+    (d2,) = (tmp_path / "w2" / "samples" / "tiny-cpu-test").iterdir()
+    assert d1.name == d2.name  # the same weights, sampler and seed, whatever the process count
     for i in (0, 3, 6, 9):
-        a = np.load(tmp_path / "w1" / "samples" / "tiny-cpu-test" / "mnist" / f"shard-{i:07d}.npz")["arr_0"]
-        b = np.load(tmp_path / "w2" / "samples" / "tiny-cpu-test" / "mnist" / f"shard-{i:07d}.npz")["arr_0"]
+        a = np.load(d1 / "mnist" / f"shard-{i:07d}.npz")["arr_0"]
+        b = np.load(d2 / "mnist" / f"shard-{i:07d}.npz")["arr_0"]
         assert np.array_equal(a, b), i

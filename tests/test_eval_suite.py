@@ -74,7 +74,8 @@ def test_offline_eval_records_and_resumes_from_shards(tiny_ckpt, tmp_path, capsy
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["fid_mnist"] > 0 and 0 <= first["precision_mnist"] <= 1 and 0 <= first["recall_mnist"] <= 1
     assert first["mind_inception_mnist"] > 0 and first["num_samples_mnist"] == 6
-    shards = tmp_path / "samples" / "tiny-cpu-test" / "mnist"
+    (run,) = (tmp_path / "samples" / "tiny-cpu-test").iterdir()  # one folder per checkpoint + sampler + seed
+    shards = run / "mnist"
     assert sorted(p.name for p in shards.glob("shard-*.npz")) == [f"shard-{i:07d}.npz" for i in (0, 2, 4)]
     (shards / "shard-0000002.npz").unlink()  # as if the run died while writing the middle shard
     with pytest.warns(UserWarning):
@@ -86,12 +87,15 @@ def test_offline_eval_records_and_resumes_from_shards(tiny_ckpt, tmp_path, capsy
     assert len(rows) == 3 and rows[1].startswith("6,tiny-cpu-test,ema,3.0,0.0-1.0,3,")
     recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["config"] for r in recs] == ["tiny-cpu-test"] * 2 and recs[0]["cfg_scale"] == 3.0
-    # a different checkpoint never reuses these samples
+    # a different checkpoint never reuses these samples: its own folder by default, an error if pointed here
     other = tmp_path / "other.pt"
     state = torch.load(tiny_ckpt, weights_only=False)
     state["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["ema"].items()}
     torch.save(state, other)
-    one_line_error(capsys, [*argv[:4], str(other), *argv[5:]], "holds samples of another run", "different weights")
+    one_line_error(capsys, [*argv[:4], str(other), "--samples-dir", str(run), *argv[5:]], "holds samples of another run", "different weights")
+    with pytest.warns(UserWarning):
+        assert main([*argv[:4], str(other), *argv[5:]]) == 0
+    assert len(list((tmp_path / "samples" / "tiny-cpu-test").iterdir())) == 2
 
 
 def test_inception_score_needs_the_classifier_head(capsys, tiny_ckpt, monkeypatch, tmp_path):

@@ -178,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     net = load_network(cfg, args.ckpt, info.device)
     res = evaluate(
         cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg, info.device), info,
-        seed=args.seed, samples_dir=samples,
+        seed=args.seed, samples_dir=samples, by_identity=args.samples_dir is None,
     )  # fmt: skip
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -593,7 +593,7 @@ def make_parser() -> Parser:
             "(EMA weights of --ckpt, or stage_2.ckpt of a sampling config) and computes the listed metrics.\n\n"
             "Sample i uses noise seeded by i and the class i mod K (class-balanced: 50 per class for 50,000), so\n"
             "results do not depend on the number of GPUs or the batch size. Samples are kept as uint8 shards\n"
-            "(<eval_dir>/samples/<config>/<set>/shard-*.npz, readable by 'nanogen fid'); after a crash, run the same\n"
+            "(<eval_dir>/samples/<config>/<run hash>/<set>/shard-*.npz, readable by 'nanogen fid'); after a crash, run the same\n"
             "command again and finished shards are reused. Results are appended, with config, step, guidance and\n"
             "sample counts, to <eval_dir>/<run name>_ema.csv and <eval_dir>/results.jsonl.\n\n"
             "metrics (eval.datasets.<name>.metrics): fid, fid@jit, fid@adm, inception_score[@torch-fidelity|@adm],\n"
@@ -608,7 +608,8 @@ def make_parser() -> Parser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (sample i gets seed (SEED, i); default 0)")
     p.add_argument("--step", type=int, default=0, help="step to record in the CSV (default 0)")
     p.add_argument("--out", default=None, metavar="DIR", help="results directory (default: eval.eval_dir, else <results_dir>/evals)")
-    p.add_argument("--samples-dir", default=None, metavar="DIR", help="where sample shards go (default <out>/samples/<config name>)")
+    p.add_argument("--samples-dir", default=None, metavar="DIR",
+                   help="where sample shards go (default <out>/samples/<config name>/<hash of checkpoint, sampler, seed>)")
     p.add_argument("--no-samples", action="store_true", help="keep no sample shards (no resume after a crash)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
 

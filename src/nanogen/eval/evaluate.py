@@ -99,10 +99,13 @@ def evaluate(
     seed: int = 0,
     tag: str = "",
     samples_dir: Path | None = None,
+    by_identity: bool = False,
 ) -> dict[str, float]:
     """Generate every eval set's samples on all processes and compute its metrics.
 
-    ``samples_dir``: keep uint8 sample shards in ``<samples_dir>/<set>/`` and reuse finished ones after a crash."""
+    ``samples_dir``: keep uint8 sample shards in ``<samples_dir>/<set>/`` and reuse finished ones after a crash;
+    ``by_identity``: in ``<samples_dir>/<hash of weights, sampler, seed>/<set>/`` instead, so that another
+    checkpoint or sampler setting gets its own folder."""
     from nanogen.build import sampler_settings
 
     assert cfg.eval is not None
@@ -116,6 +119,8 @@ def evaluate(
         "seed": seed,
         "precision": cfg.training.precision,
     }
+    if samples_dir is not None and by_identity:
+        samples_dir = samples_dir / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     for name, ds in cfg.eval.datasets.items():
         ctx = context(cfg, name, ds, info)
         streams = M.FeatureStreams(info.device)
