@@ -620,7 +620,8 @@ def make_parser() -> Parser:
             "moments; the same code as evaluation during training. Under torchrun the images are split over processes.\n\n"
             "examples:\n"
             "  nanogen fid samples.npz fid@jit --data-dir data/imagenet\n"
-            "  nanogen fid results/evals/samples/CONFIG/imagenet data/imagenet/VIRTUAL_imagenet256_labeled.npz --json")
+            "  nanogen fid results/evals/samples/CONFIG/RUNHASH/imagenet fid@adm --json     (shards of nanogen eval)\n"
+            "  nanogen fid generated_pngs/ data/imagenet/adm/VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("a", metavar="A", help="first set: folder | images .npz | stats .npz | preset")
     p.add_argument("b", metavar="B", help="second set")
     p.add_argument("--json", action="store_true", help='print {"fid": ..., "n_a": ..., "n_b": ...}')
