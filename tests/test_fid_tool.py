@@ -127,3 +127,11 @@ def test_presets_resolve_in_the_data_dir(tmp_path, capsys):
     refstats.save(tmp_path / "jit_in256_stats.npz", np.zeros(3), np.eye(3), {})
     refstats.save(tmp_path / "x.npz", np.ones(3), np.eye(3), {})
     assert _fid_json(capsys, "fid@jit", str(tmp_path / "x.npz"), "--data-dir", str(tmp_path))["fid"] == pytest.approx(3.0)
+
+
+def test_adm_style_file_with_images_and_stats_uses_the_stats(tmp_path, capsys):
+    """ADM's VIRTUAL_imagenet256_labeled.npz holds arr_0 (10k images) *and* mu/sigma: FID reads mu/sigma."""
+    np.savez(tmp_path / "adm.npz", _images(3, 5), mu=np.zeros(3), sigma=np.eye(3))
+    refstats.save(tmp_path / "x.npz", np.ones(3), np.eye(3), {})
+    assert _fid_json(capsys, str(tmp_path / "adm.npz"), str(tmp_path / "x.npz"))["fid"] == pytest.approx(3.0)
+    assert len(ImageSource(tmp_path / "adm.npz")) == 3  # the images stay readable (precision/recall reference)

@@ -103,10 +103,11 @@ def sha256_file(path: str | Path) -> str:
 
 
 def is_stats_file(path: str | Path) -> bool:
-    """True for an npz holding mu/sigma (or ref_mu/ref_sigma) and no images to prefer."""
+    """True for an npz holding mu/sigma (or ref_mu/ref_sigma). ADM's reference batch also holds 10k images
+    (``arr_0``, for precision/recall); like ADM's evaluator, FID uses its stored statistics."""
     try:
         with np.load(path) as f:
-            return ("mu" in f.files or "ref_mu" in f.files) and "arr_0" not in f.files
+            return "mu" in f.files or "ref_mu" in f.files
     except (OSError, ValueError):
         return False
 
