@@ -101,8 +101,11 @@ def test_offline_eval_records_and_resumes_from_shards(tiny_ckpt, tmp_path, capsy
 def test_inception_score_needs_the_classifier_head(capsys, tiny_ckpt, monkeypatch, tmp_path):
     monkeypatch.delenv("NANOGEN_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no torch-fidelity file in the hub cache
-    one_line_error(capsys, ["eval", "-c", TINY, "--ckpt", tiny_ckpt, "eval.datasets.mnist.metrics=[inception_score]"],
+    one_line_error(capsys, ["eval", "-c", TINY, "--ckpt", tiny_ckpt, "eval.datasets.mnist.metrics=[inception_score]",
+                            "eval.datasets.mnist.num_samples=20"],
                    "inception_score", "nanogen prepare --models inception")  # fmt: skip
+    one_line_error(capsys, ["eval", "-c", TINY, "--ckpt", tiny_ckpt, "eval.datasets.mnist.metrics=[inception_score]"],
+                   "splits the samples 10 ways")  # fmt: skip
 
 
 def test_inception_score_with_a_torch_fidelity_file(tiny_ckpt, tmp_path, monkeypatch, capsys):
