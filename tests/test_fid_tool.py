@@ -48,7 +48,7 @@ def test_folder_npz_and_library_path_agree(tmp_path, capsys):
     np.savez(tmp_path / "a.npz", imgs_a)
     _pngs(tmp_path / "a_png", imgs_a)
     np.savez_compressed(tmp_path / "b.npz", imgs_b)  # compressed members stream too
-    with pytest.warns(UserWarning, match="only 6 images"):
+    with pytest.warns(UserWarning, match="only 6 samples"):
         via_npz = _fid_json(capsys, str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
     with pytest.warns(UserWarning):
         via_png = _fid_json(capsys, str(tmp_path / "a_png"), str(tmp_path / "b.npz"))

@@ -27,6 +27,7 @@ negative result from rounding is clipped to 0.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -35,6 +36,8 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
+
+from nanogen.errors import UserError
 
 FrechetMethod = Literal["auto", "cholesky", "eigh", "sqrtm", "eig"]
 
@@ -163,6 +166,15 @@ def frechet_distance(
     diff = mu1 - mu2
     fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_product(s1, s2, method))
     return max(fd, 0.0)
+
+
+def check_sample_count(n: int, what: str, dim: int = 2048, *, warn: bool = True) -> None:
+    """At least 2 samples (an error otherwise, said in one line); fewer than the feature dimension is a warning
+    with the count: the sample covariance is then singular and the distance biased upwards."""
+    if n < 2:
+        raise UserError(f"{what}: {n} sample(s); a Fréchet distance needs at least 2 (papers use 50,000)")
+    if warn and n < dim:
+        warnings.warn(f"{what}: only {n} samples (< {dim} features): the covariance is singular and the score is biased upwards; papers use 50,000", stacklevel=3)
 
 
 def fid_from_moments(a: GaussianMoments, b: GaussianMoments, method: FrechetMethod = "auto") -> float:

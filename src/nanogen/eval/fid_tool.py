@@ -10,7 +10,6 @@ the result does not depend on the number of processes.
 from __future__ import annotations
 
 import platform
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +19,10 @@ import torch
 from nanogen import parallel
 from nanogen.errors import UserError
 from nanogen.eval import refstats
-from nanogen.eval.fid import FrechetMethod, GaussianMoments, frechet_distance
+from nanogen.eval.fid import FrechetMethod, GaussianMoments, check_sample_count, frechet_distance
 from nanogen.eval.image_sources import ImageSource
 from nanogen.eval.inception import FEATURE_DIM
 from nanogen.log import progress
-
-FEW_SAMPLES = 2048  # below the feature dimension the sample covariance is singular and FID is strongly biased
 
 
 @dataclass
@@ -50,21 +47,6 @@ def image_moments(source: ImageSource, extractor, info: parallel.DistInfo, batch
     return mom
 
 
-def require_two(n: int, what: str) -> None:
-    if n < 2:
-        raise UserError(f"{what}: {n} image(s); FID needs at least 2 (and 50,000 for numbers comparable with papers)")
-
-
-def warn_if_few(n: int, what: str) -> None:
-    """After the features are in (so that a bad image later in the set is reported alone, as an error)."""
-    if n < FEW_SAMPLES:
-        warnings.warn(
-            f"{what}: only {n} images (< {FEW_SAMPLES}, the feature dimension): the covariance is singular and FID is "
-            f"biased upwards; papers use 50,000",
-            stacklevel=2,
-        )
-
-
 def set_stats(path: str, extractor_factory, info: parallel.DistInfo, batch_size: int) -> SetStats:
     """Statistics of A or B: read from a stats npz, or computed from images (a folder or an arr_0 npz)."""
     p = Path(path).expanduser()
@@ -72,10 +54,10 @@ def set_stats(path: str, extractor_factory, info: parallel.DistInfo, batch_size:
         st = refstats.load(p, what=f"statistics '{path}'")
         return SetStats(st.mu, st.sigma, st.manifest.get("num_images"), st.manifest, path)
     source = ImageSource(p)
-    require_two(len(source), str(path))
+    check_sample_count(len(source), str(path), warn=False)
     extractor = extractor_factory()
     mom = image_moments(source, extractor, info, batch_size)
-    warn_if_few(mom.n, str(path))
+    check_sample_count(mom.n, str(path))  # after the features: a bad image later in the set is the one error
     mu, sigma = mom.mean_cov()
     return SetStats(mu, sigma, mom.n, {"extractor": extractor.extractor_id}, path)
 
@@ -93,10 +75,10 @@ def fid_between(a: SetStats, b: SetStats, method: FrechetMethod = "auto") -> flo
 def build_ref_stats(src: str, out: str, extractor_factory, info: parallel.DistInfo, batch_size: int, note: str = "") -> dict:
     """Write ``out`` (mu, sigma, manifest) from the images of ``src``; returns the manifest."""
     source = ImageSource(src)
-    require_two(len(source), src)
+    check_sample_count(len(source), src, warn=False)
     extractor = extractor_factory()
     mom = image_moments(source, extractor, info, batch_size)
-    warn_if_few(mom.n, src)
+    check_sample_count(mom.n, src)
     mu, sigma = mom.mean_cov()
     manifest = {
         "extractor": extractor.extractor_id,

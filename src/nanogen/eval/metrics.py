@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +42,7 @@ from nanogen import parallel
 from nanogen.config.schema import EvalDatasetConfig
 from nanogen.errors import UserError
 from nanogen.eval import refstats
-from nanogen.eval.fid import GaussianMoments, frechet_distance
+from nanogen.eval.fid import GaussianMoments, check_sample_count, frechet_distance
 from nanogen.eval.isc import CONVENTIONS, InceptionScoreState
 
 INCEPTION = "inception"  # feature stream: pool3 (+ unbiased logits when the weights have the head)
@@ -51,8 +51,7 @@ NANO_GENEVAL_SET = "nano-geneval"  # the built-in prompt set of the nano T2I tie
 
 
 def cache_dir() -> Path:
-    import os
-
+    """$NANOGEN_CACHE (default ~/.cache/nanogen): reference features, the text cache, the nano classifier."""
     return Path(os.environ.get("NANOGEN_CACHE", Path.home() / ".cache" / "nanogen")).expanduser()
 
 
@@ -182,17 +181,10 @@ class FID(Metric):
 
     def result(self):
         gen = self.moments.reduce(parallel.all_reduce_sum, self.ctx.info.device)
-        _warn_few(gen.n, self.key)
+        check_sample_count(gen.n, self.key)
         ref = self.reference()
         mu, sigma = ref.mean_cov() if isinstance(ref, GaussianMoments) else (ref.mu, ref.sigma)
         return {self.key: frechet_distance(*gen.mean_cov(), mu, sigma)}
-
-
-def _warn_few(n: int, key: str, dim: int = 2048) -> None:
-    if n < 2:
-        raise UserError(f"{key}: {n} generated sample(s); a Fréchet distance needs at least 2 (num_samples)")
-    if n < dim:
-        warnings.warn(f"{key}: {n} samples (< {dim} features): the covariance is singular and the score biased upwards; papers use 50,000", stacklevel=3)
 
 
 class InceptionScore(Metric):
@@ -289,7 +281,7 @@ class FDr(Metric):
         from nanogen.eval.representations import fdr
 
         gen = self.moments.reduce(parallel.all_reduce_sum, self.ctx.info.device)
-        _warn_few(gen.n, f"fd_{self.ext}_{self.ctx.name}", gen.dim)
+        check_sample_count(gen.n, f"fd_{self.ext}_{self.ctx.name}", gen.dim)
         ref = refstats.load(fdr_stats_path(self.ctx.ds, self.ext), dim=gen.dim, what=f"fd_{self.ext} reference", fetch="nanogen prepare --data fid-stats")
         fd = frechet_distance(*gen.mean_cov(), ref.mu, ref.sigma)
         return {f"fd_{self.ext}_{self.ctx.name}": fd, f"fdr_{self.ext}_{self.ctx.name}": fdr(fd, self.ext)}
