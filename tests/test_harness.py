@@ -31,7 +31,7 @@ class _Collect:
 @pytest.mark.parametrize("world", range(1, 9))
 def test_every_index_once_for_any_world_size(world):
     n, batch = 53, 4  # n not divisible by the world size or the batch
-    plan = harness.Plan(n, batch, harness.default_shard_size(n, batch, world), {})
+    plan = harness.Plan(n, batch, harness.default_shard_size(n, batch), {})
     seen = _Collect()
     for rank in range(world):  # ranks run one after another here; they share nothing but the plan
         harness.run(plan, _fake_generate, [seen], DistInfo(rank, world))
@@ -107,6 +107,16 @@ def test_balanced_labels_fifty_per_class_for_imagenet():
 
 
 def test_default_shard_size_whole_batches():
-    assert harness.default_shard_size(50_000, 64, 8) == 1024  # ~1000, rounded up to whole batches
-    assert harness.default_shard_size(50_000, 125, 8) == 1000
-    assert harness.default_shard_size(10, 4, 1) == 4
+    assert harness.default_shard_size(50_000, 64) == 1024  # ~1000, rounded up to whole batches
+    assert harness.default_shard_size(50_000, 125) == 1000
+    assert harness.default_shard_size(10, 4) == 4
+    assert harness.default_shard_size(640, 10) == 20  # 32 shards
+
+
+def test_resume_on_another_process_count(tmp_path):
+    plan = harness.Plan(12, 2, harness.default_shard_size(12, 2), {"weights": "abc"})
+    harness.run(plan, _fake_generate, [], DistInfo(0, 3), shard_dir=tmp_path)  # rank 0 of 3 finished, then a crash
+    seen, made = _Collect(), 0
+    for rank in range(2):  # resumed on 2 processes
+        made += harness.run(plan, _fake_generate, [seen], DistInfo(rank, 2), shard_dir=tmp_path)
+    assert sorted(seen.seen) == list(range(12)) and made == 12 - 4

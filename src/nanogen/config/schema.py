@@ -102,7 +102,7 @@ class EvalConfig:
     eval_dir: str | None = None  # where metric CSVs (<run.name>_{ema,model}.csv) go; None = <run dir>/evals
     eval_at_start: bool = False  # also evaluate the untrained model (a baseline for the curve)
     save_samples: bool = False  # keep uint8 sample shards under <eval_dir>/samples/<run>/<step>/ (nanogen eval always does)
-    shard_size: int | None = None  # samples per shard; None = about 4 shards per process, at most 1000
+    shard_size: int | None = None  # samples per shard; None = about 1000 (at least 32 shards), whole batches
     datasets: dict[str, EvalDatasetConfig] = field(default_factory=dict)
 
 

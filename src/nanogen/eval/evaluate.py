@@ -140,7 +140,7 @@ def evaluate(
 
         plan = harness.Plan(
             ctx.num_samples, ds.batch_size,
-            cfg.eval.shard_size or harness.default_shard_size(ctx.num_samples, ds.batch_size, info.world_size),
+            cfg.eval.shard_size or harness.default_shard_size(ctx.num_samples, ds.batch_size),
             {**identity, "set": name, "target": ds.target or name, "split": ds.split},
         )  # fmt: skip
         shard_dir = samples_dir / name if samples_dir is not None else None

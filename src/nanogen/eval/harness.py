@@ -51,11 +51,11 @@ class Plan:
         return [range(lo, min(lo + self.shard_size, self.num_samples)) for lo in range(0, self.num_samples, self.shard_size)]
 
 
-def default_shard_size(num_samples: int, batch_size: int, world_size: int) -> int:
-    """About four shards per process (so a crash loses little and processes finish together), of at most
-    about 1,000 samples, rounded up to whole batches."""
-    per = math.ceil(num_samples / (4 * world_size))
-    return max(batch_size, math.ceil(min(per, 1000) / batch_size) * batch_size)
+def default_shard_size(num_samples: int, batch_size: int) -> int:
+    """About 1,000 samples (at least 32 shards for smaller sets), rounded up to whole batches. It does not
+    depend on the number of processes, so a crashed evaluation can resume on another GPU count."""
+    per = min(1000, math.ceil(num_samples / 32))
+    return max(batch_size, math.ceil(per / batch_size) * batch_size)
 
 
 def _shard_path(shard_dir: Path, shard: range) -> Path:
