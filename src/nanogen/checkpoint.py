@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,32 @@ def latest(ckpt_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (keep <= 0: delete none)."""
+def prune(ckpt_dir: Path, keep: int, keep_every: int | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (keep <= 0: delete none), except those whose step is a
+    multiple of ``keep_every`` (milestones kept for the whole run)."""
     if keep <= 0:
         return
-    for _, p in list_checkpoints(ckpt_dir)[:-keep]:
-        p.unlink(missing_ok=True)
+    for step, p in list_checkpoints(ckpt_dir)[:-keep]:
+        if not (keep_every and step % keep_every == 0):
+            p.unlink(missing_ok=True)
+
+
+def newest_readable(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, and its contents. A truncated or corrupt newer file (a crash while
+    writing on a filesystem without atomic rename, a full disk, bit rot) is skipped with a warning naming it,
+    and the one before is used; None when there is no checkpoint at all."""
+    found = list_checkpoints(ckpt_dir)
+    for _, path in reversed(found):
+        try:
+            state = read(path)
+            if not {"step", "model", "optimizer"} <= set(state):
+                raise CheckpointError(f"'{path}' lacks step / model / optimizer")
+            return path, state
+        except CheckpointError as e:
+            warnings.warn(f"skipping unreadable checkpoint {path.name} ({e}); trying the one before", stacklevel=2)
+    if found:
+        raise CheckpointError(f"no readable checkpoint in '{ckpt_dir}' ({len(found)} found, all damaged); move them away to start over")
+    return None
 
 
 ROPE_KEY_RE = re.compile(r"^(?:(?P<mod>[\w.]*rope)\.)freqs_(?:cos|sin)$")

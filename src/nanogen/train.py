@@ -105,6 +105,28 @@ def sample_grid(
     return gen.generate(objective, tokenizer, conditioner, conds, noise, sampler_settings(cfg)), prompts
 
 
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (what SLURM and Kubernetes send before killing a job) takes Ctrl-C's path: save a checkpoint,
+    then exit. Returns the previous handler (None when not in the main thread, where signals cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(cfg: Stage2Config) -> TrainResult:
     check_runnable(cfg)  # everything that can be wrong with the config fails here, before any work
     info = parallel.init(cfg.run.device)
@@ -115,7 +137,8 @@ def train(cfg: Stage2Config) -> TrainResult:
         if cfg.eval is not None and cfg.eval.datasets:
             ensure_writable(eval_dir(cfg, run_dir), "eval directory", "eval.eval_dir=PATH")
     parallel.barrier()
-    existing = ckpt.latest(run_dir / "checkpoints")
+    found = ckpt.newest_readable(run_dir / "checkpoints") if cfg.run.resume else None
+    existing, state = found if found is not None else (ckpt.latest(run_dir / "checkpoints"), None)
     if existing is not None and not cfg.run.resume:
         raise UserError(
             f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
@@ -150,8 +173,7 @@ def train(cfg: Stage2Config) -> TrainResult:
 
     # ---- resume ----
     step = 0
-    if existing is not None:
-        state = ckpt.read(existing)
+    if state is not None:
         ckpt.load_weights(net, ckpt.weights_from(state, "model")[0], f"checkpoint '{existing}' (model)")
         ema.load_state_dict(ckpt.weights_from(state, "ema")[0])
         opt.load_state_dict(state["optimizer"])
@@ -165,7 +187,7 @@ def train(cfg: Stage2Config) -> TrainResult:
     if info.is_main:
         write_config(cfg, run_dir, step)
     torch.manual_seed(tc.global_seed * 7919 + info.rank + step)  # per-rank noise; distinct after a resume
-    if existing is not None and "rng" in state and info.world_size == 1:
+    if state is not None and "rng" in state and info.world_size == 1:
         ckpt.set_rng_state(state["rng"])  # single process: the resumed run continues bit-exactly
 
     metrics = MetricsLog(run_dir / "metrics.jsonl" if info.is_main else None, _wandb(cfg, run_dir, info))
@@ -186,7 +208,7 @@ def train(cfg: Stage2Config) -> TrainResult:
                 "objective": _extra_state(objective),
             }
             ckpt.save(run_dir / "checkpoints" / f"step-{step:07d}.pt", payload)
-            ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
+            ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints, tc.keep_every_steps)
         parallel.barrier()
 
     def save_samples() -> None:
@@ -227,6 +249,7 @@ def train(cfg: Stage2Config) -> TrainResult:
     null = conditioner.null(1, info.device)  # the CFG-dropout condition, made once
     last_counters: dict[str, int] = {}
     bar = progress(total_steps, "training", unit="step", initial=step)
+    previous_sigterm = _sigterm_as_interrupt()
     try:
         while step < total_steps:
             for micro_i in range(tc.grad_accum_steps):
@@ -289,11 +312,13 @@ def train(cfg: Stage2Config) -> TrainResult:
                 save_checkpoint()
             if due.eval:
                 run_eval(f" @ step {step}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a scheduler's preemption / time limit
         bar.close()
         print0(f"interrupted at step {step}; saving a checkpoint so 'nanogen train' resumes from here")
         save_checkpoint()
         raise
+    finally:
+        _restore_sigterm(previous_sigterm)
     bar.close()
     result.wall_s = time.time() - t_start
     result.steps_this_run = step - start_step

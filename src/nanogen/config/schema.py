@@ -120,6 +120,7 @@ class TrainingConfig:
     checkpoint_interval: int = 4  # epochs between checkpoints
     checkpoint_every_steps: int | None = None  # additionally save every N steps (resumable mid-epoch)
     keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/ (0 = keep all)
+    keep_every_steps: int | None = None  # also keep every checkpoint whose step is a multiple of this (milestones)
     sample_every: int = 2500  # steps between sample grids
     virtual_epoch_steps: int | None = None  # length of an "epoch" for streaming data (T2I)
     grad_accum_steps: int = 1

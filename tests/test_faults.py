@@ -1,0 +1,71 @@
+"""Never losing work: checkpoint retention, a damaged newest checkpoint, SIGTERM (issue 8 item 2)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+from nanogen import checkpoint as ckpt
+from nanogen.config import load_config
+from nanogen.errors import CheckpointError
+from nanogen.train import train
+
+
+def test_retention_keeps_the_newest_and_every_nth(tmp_path):
+    for step in range(100, 1100, 100):
+        ckpt.save(tmp_path / f"step-{step:07d}.pt", {"step": step})
+    ckpt.prune(tmp_path, keep=2, keep_every=400)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [400, 800, 900, 1000]
+    ckpt.prune(tmp_path, keep=1)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1000]
+
+
+def _losses(run_dir):
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = load_config(TINY, [f"run.results_dir={tmp_path}", "run.name=a", "eval=null", "training.keep_checkpoints=0"])
+    train(cfg)
+    first = _losses(tmp_path / "a")
+    newest = tmp_path / "a" / "checkpoints" / "step-0000006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a crash mid-write on a filesystem without atomic rename
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint step-0000006.pt"):
+        res = train(cfg)
+    assert res.step == 6 and res.steps_this_run == 3  # resumed at step 3, trained 4..6 again
+    recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    again = [r["loss"] for r in recs if "loss" in r][-1]  # mean over steps 5-6 of the resumed part
+    assert again == first[6]  # the same trajectory: resume is exact
+    state = torch.load(newest, weights_only=False)  # and the damaged file was replaced by a good one
+    assert state["step"] == 6
+    for p in (tmp_path / "a" / "checkpoints").iterdir():
+        p.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="all damaged"), pytest.warns(UserWarning):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOGEN_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "nanogen", "train", "-c", TINY, f"run.results_dir={tmp_path}", "run.name=t", "eval=null",
+           "training.max_steps=100000", "training.checkpoint_every_steps=100000", "training.log_interval=1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:  # wait until training runs
+        if line.startswith("step 3/") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "saving a checkpoint" in out and "Traceback" not in err
+    saved = ckpt.list_checkpoints(tmp_path / "t" / "checkpoints")
+    assert len(saved) == 1 and saved[0][0] >= 3
+    res = train(load_config(TINY, [f"run.results_dir={tmp_path}", "run.name=t", "eval=null", f"training.max_steps={saved[0][0] + 2}"]))
+    assert res.step == saved[0][0] + 2 and res.steps_this_run == 2
