@@ -69,3 +69,21 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
     assert len(saved) == 1 and saved[0][0] >= 3
     res = train(load_config(TINY, [f"run.results_dir={tmp_path}", "run.name=t", "eval=null", f"training.max_steps={saved[0][0] + 2}"]))
     assert res.step == saved[0][0] + 2 and res.steps_this_run == 2
+
+
+def test_a_run_dir_of_another_config_is_refused_naming_the_fields(tmp_path, capsys):
+    from conftest import one_line_error
+    from nanogen.cli import main
+
+    base = ["train", "-c", TINY, f"run.results_dir={tmp_path}", "run.name=r", "eval=null", "training.max_steps=3"]
+    assert main(base) == 0
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    one_line_error(capsys, [*base, "stage_2.params.hidden_size=48", "transport.t_eps=0.1"],
+                   "holds a run of another config", "stage_2.params.hidden_size: 32 -> 48", "--overwrite")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before  # nothing touched
+    # what may change on resume: the step budget, logging, eval, paths
+    assert main([*base[:-1], "training.max_steps=4", "training.log_interval=1"]) == 0
+    assert main([*base, "stage_2.params.hidden_size=48", "--overwrite"]) == 0
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(moved) == 1 and (moved[0] / "checkpoints" / "step-0000004.pt").is_file()  # the old run is kept
+    assert torch.load(tmp_path / "r" / "checkpoints" / "step-0000003.pt", weights_only=False)["step"] == 3

@@ -76,6 +76,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nanogen.build import check_runnable
 
     check_runnable(cfg)  # say what is not available before printing a page of config
+    if args.overwrite:
+        from pathlib import Path
+
+        from nanogen.log import is_main, print0
+        from nanogen.train import move_aside
+
+        run_dir = Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
+        if run_dir.exists() and is_main():
+            print0(f"--overwrite: moved the old run to {move_aside(run_dir)}")
     _print_config(cfg)
     res = train(cfg)
     _summary(res)
@@ -571,6 +580,8 @@ def make_parser() -> Parser:
     p.add_argument("--results-dir", default=None, help="shorthand for run.results_dir=DIR")
     p.add_argument("--name", default=None, help="shorthand for run.name=NAME")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds another run (the old one is renamed, not deleted)")
 
     p = add("sample", cmd_sample, "sample an image grid from a checkpoint (EMA weights)",
             "examples:\n  nanogen sample -c CONFIG --ckpt results/demo/checkpoints/step-0000700.pt --out grid.png\n"
