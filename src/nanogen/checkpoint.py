@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,43 @@ def newest_readable(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     if found:
         raise CheckpointError(f"no readable checkpoint in '{ckpt_dir}' ({len(found)} found, all damaged); move them away to start over")
     return None
+
+
+# What a run *is*: resuming a run directory with a config that differs here would silently train another model
+# (or on other data) from the saved weights. Paths, worker counts, schedules, logging, eval and max_steps may change.
+RUN_IDENTITY = ("task", "stage_1", "stage_2", "conditioning", "transport", "repa", "perceptual_loss", "misc.latent_size",
+                "misc.num_classes", "dataset.target", "dataset.type", "dataset.condition_type")  # fmt: skip
+MAY_CHANGE = ("conditioning.text_encoder.cache_dir",)
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved_yaml: str, cfg: Any) -> list[str]:
+    """'key: saved -> now' for every RUN_IDENTITY leaf that differs between a checkpoint's config and ``cfg``."""
+    import yaml
+
+    from nanogen.config.loader import to_dict
+
+    old, new = _leaves(yaml.safe_load(saved_yaml) or {}), _leaves(to_dict(cfg))
+    keys = sorted(
+        k for k in set(old) | set(new)
+        if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY) and k not in MAY_CHANGE and old.get(k) != new.get(k)
+    )  # fmt: skip
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
+
+
+def move_aside(run_dir: Path) -> Path:
+    """--overwrite: the old run is renamed, never deleted (a mistyped run name must not cost a week)."""
+    dest = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(dest)
+    return dest
 
 
 ROPE_KEY_RE = re.compile(r"^(?:(?P<mod>[\w.]*rope)\.)freqs_(?:cos|sin)$")

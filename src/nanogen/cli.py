@@ -79,8 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.overwrite:
         from pathlib import Path
 
+        from nanogen.checkpoint import move_aside
         from nanogen.log import is_main, print0
-        from nanogen.train import move_aside
 
         run_dir = Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
         if run_dir.exists() and is_main():

@@ -105,43 +105,6 @@ def sample_grid(
     return gen.generate(objective, tokenizer, conditioner, conds, noise, sampler_settings(cfg)), prompts
 
 
-# What a run *is*: resuming a run directory with a config that differs here would silently train another model
-# (or on other data) from the saved weights. Paths, worker counts, schedules, logging, eval and max_steps may change.
-RUN_IDENTITY = ("task", "stage_1", "stage_2", "conditioning", "transport", "repa", "perceptual_loss", "misc.latent_size",
-                "misc.num_classes", "dataset.target", "dataset.type", "dataset.condition_type")  # fmt: skip
-MAY_CHANGE = ("conditioning.text_encoder.cache_dir",)
-
-
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def config_differences(saved_yaml: str, cfg: Stage2Config) -> list[str]:
-    """'key: saved -> now' for every RUN_IDENTITY leaf that differs between a checkpoint's config and ``cfg``."""
-    import yaml
-
-    from nanogen.config.loader import to_dict
-
-    old, new = _leaves(yaml.safe_load(saved_yaml) or {}), _leaves(to_dict(cfg))
-    keys = sorted(
-        k for k in set(old) | set(new)
-        if any(k == p or k.startswith(p + ".") for p in RUN_IDENTITY) and k not in MAY_CHANGE and old.get(k) != new.get(k)
-    )  # fmt: skip
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
-
-
-def move_aside(run_dir: Path) -> Path:
-    """--overwrite: the old run is renamed, never deleted (a mistyped run name must not cost a week)."""
-    dest = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(dest)
-    return dest
-
-
 def _sigterm_as_interrupt() -> Any:
     """SIGTERM (what SLURM and Kubernetes send before killing a job) takes Ctrl-C's path: save a checkpoint,
     then exit. Returns the previous handler (None when not in the main thread, where signals cannot be set)."""
@@ -181,7 +144,7 @@ def train(cfg: Stage2Config) -> TrainResult:
             f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
             f"choose a new run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
         )
-    diffs = config_differences(state["config"], cfg) if state is not None and "config" in state else []
+    diffs = ckpt.config_differences(state["config"], cfg) if state is not None and "config" in state else []
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise UserError(
