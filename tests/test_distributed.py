@@ -28,6 +28,50 @@ def test_torchrun_two_processes(tmp_path):
     assert any("eval_ema/fid_mnist" in r for r in recs)
     state = torch.load(final, weights_only=False)
     assert state["loader"]["batch"] > 0 and "done: step 6" in r.stdout
+    # The same global batch on one process with 2 accumulation steps: the same samples and the same noise per
+    # slot (train.slot_seed), so the same parameters after 6 steps, up to float summation order.
+    one = _one_process_reference(tmp_path)
+    for key in ("model", "ema"):
+        for name, ref in one[key].items():
+            torch.testing.assert_close(state[key][name], ref, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+
+
+def _one_process_reference(tmp_path):
+    from nanogen.config import load_config
+    from nanogen.train import train
+
+    overrides = [f"run.results_dir={tmp_path}", "run.name=one", "eval=null", "training.global_batch_size=8",
+                 "training.grad_accum_steps=2"]  # fmt: skip
+    train(load_config(TINY, overrides))
+    return torch.load(tmp_path / "one" / "checkpoints" / "step-0000006.pt", weights_only=False)
+
+
+@pytest.mark.dist
+def test_fsdp2_trains_checkpoints_and_resumes_to_the_one_process_result(tmp_path):
+    """FSDP2 (fully_shard per block) on 2 gloo processes, with activation checkpointing and per-block compile,
+    stopped at step 4 and resumed to step 6: the same model and EMA as one process on the same global batch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOGEN_NO_PROGRESS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogen",
+        "train", "-c", TINY, f"run.results_dir={tmp_path}", "run.name=fsdp", "training.global_batch_size=8",
+        "eval=null", "training.parallel=fsdp", "training.activation_checkpointing=true", "training.compile=true",
+        "training.compile_backend=aot_eager", "training.checkpoint_every_steps=2",
+    ]  # fmt: skip
+    first = subprocess.run([*cmd, "training.max_steps=4"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-0000004.pt").is_file(), first.stderr[-3000:]
+    assert "FSDP over 2 processes" in first.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    final = tmp_path / "fsdp" / "checkpoints" / "step-0000006.pt"
+    assert final.is_file(), second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step-0000004.pt" in second.stdout
+    state = torch.load(final, weights_only=False)
+    one = _one_process_reference(tmp_path)
+    assert set(state["model"]) == set(one["model"]) and set(state["optimizer"]["state"]) == set(one["optimizer"]["state"])
+    for key in ("model", "ema"):
+        for name, ref in one[key].items():
+            torch.testing.assert_close(state[key][name], ref, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    for name, ref in one["optimizer"]["state"].items():
+        torch.testing.assert_close(state["optimizer"]["state"][name]["exp_avg_sq"], ref["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
 @pytest.mark.dist

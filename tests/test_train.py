@@ -39,7 +39,8 @@ def test_tiny_run_writes_everything(tmp_path):
     again = load_config(d / "config.yaml")  # the saved config is a valid config of the same run
     assert again.stage_2.params == yaml.safe_load((d / "config.yaml").read_text())["stage_2"]["params"]
     state = torch.load(d / "checkpoints" / "step-0000006.pt", weights_only=False)
-    assert {"step", "epoch", "model", "ema", "optimizer", "scheduler", "loader", "rng"} <= set(state)
+    assert {"step", "epoch", "model", "ema", "optimizer", "scheduler", "loader", "config"} <= set(state)
+    assert set(state["optimizer"]["state"]) <= set(state["model"])  # keyed by parameter name: portable across DDP / FSDP
 
 
 def test_resume_is_exact(tmp_path):

@@ -17,15 +17,26 @@ class EMA:
     def __init__(self, net: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(net).eval().requires_grad_(False)
-        self._src = [p for p in net.parameters()]
-        self._dst = [p for p in self.model.parameters()]
+        self.bind(net)
+
+    def bind(self, net: nn.Module) -> None:
+        """(Re)attach to the live network, e.g. after FSDP2 replaced its parameters by shards (the EMA network
+        is then sharded the same way, so each process averages its own shard)."""
+        from nanogen.parallel import local_tensors
+
+        self._src, self._dst = local_tensors(net), local_tensors(self.model)
 
     @torch.no_grad()
     def update(self) -> None:
         torch._foreach_lerp_(self._dst, [p.detach() for p in self._src], 1 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+        """The whole EMA state dict (a collective under FSDP; rank 0 gets the tensors)."""
+        from nanogen.parallel import full_state_dict
+
+        return full_state_dict(self.model)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
+        from nanogen.parallel import load_full_state_dict
+
+        load_full_state_dict(self.model, state)

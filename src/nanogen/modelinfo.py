@@ -32,14 +32,28 @@ def token_layout(net: torch.nn.Module) -> dict[str, Any]:
     return {"blocks": stem}
 
 
-def model_info(cfg: Stage2Config) -> dict[str, Any]:
+def model_config(cfg: Stage2Config) -> Any:
+    """The stage-2 network's own typed config (what the FLOP formulas read)."""
     from nanogen import registry
+
+    _, entry = registry.lookup(registry.MODELS, cfg.stage_2.target, "stage_2.target")
+    return build(entry.config_cls(), cfg.stage_2.params, source="config", prefix="stage_2.params")
+
+
+def train_flops_per_image(cfg: Stage2Config) -> float:
+    """Model FLOPs per training image: 3 x the analytic forward FLOPs (performance.md §1; frozen encoders,
+    recomputation and the optimizer are not counted)."""
+    from nanogen.models.flops import train_flops
+
+    return float(train_flops(model_config(cfg)))
+
+
+def model_info(cfg: Stage2Config) -> dict[str, Any]:
     from nanogen.models.flops import forward_macs
 
     with torch.device("meta"):
         net = build_network(cfg)
-    _, entry = registry.lookup(registry.MODELS, cfg.stage_2.target, "stage_2.target")
-    mcfg = build(entry.config_cls(), cfg.stage_2.params, source="config", prefix="stage_2.params")
+    mcfg = model_config(cfg)
     params = sum(p.numel() for p in net.parameters())
     by_module: dict[str, int] = {}
     L_e = mcfg.depth[0] if isinstance(mcfg.depth, list) else mcfg.depth

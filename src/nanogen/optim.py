@@ -17,13 +17,17 @@ from nanogen.config.schema import OptimizerConfig, SchedulerConfig
 from nanogen.errors import NotAvailableError
 
 
-def build_optimizer(net: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    net: nn.Module, cfg: OptimizerConfig, device: torch.device, fused: bool = True
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: fused kernels on CUDA, else foreach (FSDP2's sharded parameters)."""
     params = [p for p in net.parameters() if p.requires_grad]
     if cfg.type == "gmuon":
         raise NotAvailableError("training.optimizer.type: 'gmuon' is not available in this nanogen release yet; use 'adamw'")
-    fused = device.type == "cuda"
+    fused = fused and device.type == "cuda"
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps, fused=fused
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, eps=cfg.eps,
+        fused=fused, foreach=None if fused else True,
     )
 
 

@@ -16,6 +16,7 @@ Host syncs happen only at log intervals (the loss is accumulated on the device i
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -162,7 +163,7 @@ def train(cfg: Stage2Config) -> TrainResult:
     steps_per_epoch = tc.virtual_epoch_steps or max(1, len(loader) // tc.grad_accum_steps)
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
 
-    # ---- model, objective, EMA, optimizer (same init on every rank, then broadcast) ----
+    # ---- model, objective, EMA (same init on every rank, then broadcast) ----
     torch.manual_seed(tc.global_seed)
     tokenizer = build_tokenizer(cfg).to(info.device)
     conditioner = build_conditioner(cfg, info.device)
@@ -172,18 +173,23 @@ def train(cfg: Stage2Config) -> TrainResult:
     net = build_network(cfg).to(info.device)
     parallel.broadcast_module(net)
     objective = build_objective(cfg, net, load_frozen(cfg)).to(info.device)
-    ema = EMA(net, tc.ema_decay)
+    ema = EMA(net, tc.ema_decay)  # after the broadcast: every rank's EMA starts identical (reference §1.5 quirk)
     ema_objective = build_objective(cfg, ema.model)  # sampling / eval use the EMA weights
-    opt = build_optimizer(net, tc.optimizer, info.device)
-    sched = build_scheduler(opt, tc.scheduler, steps_per_epoch)
     n_params = sum(p.numel() for p in net.parameters())
+    if state is not None:  # whole weights go in before sharding; each FSDP rank then keeps its shard
+        ckpt.load_weights(net, ckpt.weights_from(state, "model")[0], f"checkpoint '{existing}' (model)")
+        ema.model.load_state_dict(ckpt.weights_from(state, "ema")[0])
+
+    # ---- speed and scale (parallel.py), then the optimizer over the (possibly sharded) parameters ----
+    wrapped = parallel.prepare_training(net, objective, ema.model, info, tc)
+    ema.bind(net)
+    opt = build_optimizer(net, tc.optimizer, info.device, fused=not parallel.is_fsdp(net))
+    sched = build_scheduler(opt, tc.scheduler, steps_per_epoch)
 
     # ---- resume ----
     step = 0
     if state is not None:
-        ckpt.load_weights(net, ckpt.weights_from(state, "model")[0], f"checkpoint '{existing}' (model)")
-        ema.load_state_dict(ckpt.weights_from(state, "ema")[0])
-        opt.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state_dict(net, opt, state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
@@ -193,26 +199,28 @@ def train(cfg: Stage2Config) -> TrainResult:
         print0(f"resumed from {existing} at step {step}")
     if info.is_main:
         write_config(cfg, run_dir, step)
-    torch.manual_seed(tc.global_seed * 7919 + info.rank + step)  # per-rank noise; distinct after a resume
-    if state is not None and "rng" in state and info.world_size == 1:
-        ckpt.set_rng_state(state["rng"])  # single process: the resumed run continues bit-exactly
 
     metrics = MetricsLog(run_dir / "metrics.jsonl" if info.is_main else None, _wandb(cfg, run_dir, info))
-    wrapped = parallel.wrap_for_training(objective, info, tc.compile)
-    autocast = dict(device_type=info.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    stepper = OptimizerStep(cfg, info, wrapped, net, opt, sched, ema, tokenizer, conditioner)
+    rates = Rates(cfg, info)
     result = TrainResult(run_dir=run_dir, step=step, params=n_params)
+    global_batch = micro * info.world_size * tc.grad_accum_steps
+    mode = f"{tc.parallel.upper()} over {info.world_size} processes" if info.enabled else "1 process"
     print0(
-        f"run {run_dir} | {cfg.stage_2.target} {n_params / 1e6:.2f}M params | {info.world_size} process(es) on "
-        f"{info.device.type} | global batch {micro * info.world_size * tc.grad_accum_steps} | steps {step} -> {total_steps}"
+        f"run {run_dir} | {cfg.stage_2.target} {n_params / 1e6:.2f}M params | {mode} on {info.device.type} | "
+        f"global batch {global_batch} | steps {step} -> {total_steps}"
     )
 
     def save_checkpoint() -> None:
+        stepper.check_finite(run_dir)  # a model updated with a NaN loss is never saved as "good"
+        weights, ema_weights = parallel.full_state_dict(net), ema.state_dict()  # collectives under FSDP
+        optimizer = parallel.optimizer_state_dict(net, opt)
         if info.is_main:
             payload = {
-                "step": step, "epoch": step // steps_per_epoch, "model": net.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
-                "loader": loader.state_dict(), "rng": ckpt.rng_state(), "config": dump_yaml(cfg),
-                "objective": _extra_state(objective),
+                "step": step, "epoch": step // steps_per_epoch, "model": weights, "ema": ema_weights,
+                "optimizer": optimizer, "scheduler": sched.state_dict() if sched else None,
+                "loader": loader.state_dict(), "config": dump_yaml(cfg), "objective": _extra_state(objective),
+                "skipped_steps": stepper.skipped,
             }
             ckpt.save(run_dir / "checkpoints" / f"step-{step:07d}.pt", payload)
             ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints, tc.keep_every_steps)
@@ -250,68 +258,40 @@ def train(cfg: Stage2Config) -> TrainResult:
     t_start = time.time()
     loss_sum = torch.zeros((), device=info.device)
     loss_count = 0
-    t_log, step_log = time.time(), step
     start_step = step
     batches = iter(loader)
-    null = conditioner.null(1, info.device)  # the CFG-dropout condition, made once
     last_counters: dict[str, int] = {}
     bar = progress(total_steps, "training", unit="step", initial=step)
+    rates.start(step)
     previous_sigterm = _sigterm_as_interrupt()
     try:
         while step < total_steps:
-            for micro_i in range(tc.grad_accum_steps):
-                if pre_encoded:
-                    z, y, x = (t.to(info.device, non_blocking=True) if t is not None else None for t in next(batches))
-                else:
-                    x, y = next(batches)
-                    x = as_model_images(x.to(info.device, non_blocking=True))
-                    if isinstance(y, torch.Tensor):
-                        y = y.to(info.device, non_blocking=True)
-                sync = micro_i == tc.grad_accum_steps - 1 or not info.enabled
-                ctx = wrapped.no_sync() if not sync and hasattr(wrapped, "no_sync") else _null()
-                with ctx, torch.autocast(**autocast):
-                    if not pre_encoded:
-                        with torch.no_grad():
-                            z = tokenizer.encode(to_unit(x), check=False)  # the data were range-checked at load
-                    out = wrapped(z, conditioner(y, info.device), null, images=x)
-                    loss = out["loss"] / tc.grad_accum_steps
-                loss.backward()
-                # what the log shows: the loss itself, unless the objective names a more telling one
-                loss_sum += out.get("report_loss", out["loss"]).detach() / tc.grad_accum_steps
-            if tc.clip_grad:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), tc.clip_grad)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if sched is not None:
-                sched.step()
-            ema.update()
+            loss, updated = stepper(step, lambda: next(batches))
             step += 1
-            loss_count += 1
             bar.update(1)
+            if updated:
+                loss_sum += loss
+                loss_count += 1
 
             if step % tc.log_interval == 0 or step == total_steps:
-                mean_loss = (loss_sum / loss_count).item()  # the only host sync between log lines
-                if not math.isfinite(mean_loss):
-                    good = ckpt.latest(run_dir / "checkpoints")
-                    raise UserError(
-                        f"training diverged at step {step} (loss {mean_loss}); last good checkpoint: {good}; "
-                        f"lower training.optimizer.lr or set training.clip_grad"
-                    )
-                dt = time.time() - t_log
-                ips = (step - step_log) * micro * info.world_size * tc.grad_accum_steps / max(dt, 1e-9)
+                parallel.all_reduce_sum(loss_sum)  # the mean over every process, not rank 0's alone
+                stepper.check_finite(run_dir)
+                mean_loss = loss_sum.item() / max(1, loss_count * info.world_size)  # the only host sync between log lines
+                r = rates.measure(step)
                 lr = opt.param_groups[0]["lr"]
                 counters = data_counters(loader, conditioner)  # skipped samples, truncated captions, ...: never silent
-                metrics.log(step, loss=mean_loss, lr=lr, images_per_s=round(ips, 2), epoch=step // steps_per_epoch, **counters)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                if stepper.skipped:
+                    counters["skipped_nonfinite_steps"] = stepper.skipped
+                metrics.log(step, loss=mean_loss, lr=lr, epoch=step // steps_per_epoch, **r, **counters)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **rates.short(r))
                 if bar.disable:  # no live bar (NANOGEN_NO_PROGRESS=1, non-main rank): keep a plain log line
-                    print0(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} {ips:.0f} img/s")
+                    print0(f"step {step}/{total_steps} loss {mean_loss:.4f} lr {lr:.2e} {rates.line(r)}")
                 if counters != last_counters:
                     print0("data: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items()))
                     last_counters = counters
                 result.final_loss = mean_loss
                 loss_sum.zero_()
                 loss_count = 0
-                t_log, step_log = time.time(), step
             due = periodic(step, total_steps, steps_per_epoch, tc, cfg.eval)
             if due.samples:
                 save_samples()
@@ -344,6 +324,155 @@ def train(cfg: Stage2Config) -> TrainResult:
     if cfg.eval is not None and cfg.eval.datasets:
         run_eval("")
     return result
+
+
+def slot_seed(seed: int, step: int, slot: int) -> int:
+    """The RNG seed of one micro-batch: a function of (seed, optimizer step, slot), slot = micro_i * world + rank.
+
+    The loaders hand chunk ``(step * accum + micro_i) * world + rank`` of their permutation to a process, which
+    is chunk ``slot`` of the step's global batch for any split of it into processes x accumulation steps. Seeding
+    the noise by the same slot makes a run identical on 8 GPUs, on 4 GPUs with 2 accumulation steps or on one
+    process with 8 (up to float summation order), and makes resume exact with no RNG state to restore."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{slot}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class OptimizerStep:
+    """One optimizer step, shared by ``train`` and ``nanogen benchmark``: for each micro-batch, seed its slot,
+    encode the images (unless pre-encoded), compute the loss and backpropagate (gradients reduced on the last
+    micro-batch only, the reference's global-batch semantics §1.5); then clip, update, schedule, EMA.
+
+    Non-finite losses (``training.nonfinite``): ``stop`` records the first bad step on the device (no host sync)
+    and ``check_finite`` raises at the next log line or checkpoint; ``skip`` checks the gradient norm every step
+    (one host sync) and drops the update, stopping after ``max_skipped_steps`` in a row."""
+
+    def __init__(self, cfg: Stage2Config, info: parallel.DistInfo, wrapped, net, opt, sched, ema, tokenizer, conditioner):
+        self.tc, self.info = cfg.training, info
+        self.wrapped, self.net, self.opt, self.sched, self.ema = wrapped, net, opt, sched, ema
+        self.tokenizer, self.conditioner = tokenizer, conditioner
+        self.autocast = dict(device_type=info.device.type, dtype=torch.bfloat16, enabled=self.tc.precision == "bf16")
+        self.null = conditioner.null(1, info.device)  # the CFG-dropout condition, made once
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.first_bad = torch.zeros((), dtype=torch.long, device=info.device)  # 0 = none yet
+        self.skipped = self.in_a_row = 0
+
+    def batch(self, raw: tuple) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        dev = self.info.device
+        if len(raw) == 3:  # latent shards: (z, y, images or None)
+            return tuple(t.to(dev, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in raw)  # type: ignore[return-value]
+        x, y = raw
+        x = as_model_images(x.to(dev, non_blocking=True))
+        if isinstance(y, torch.Tensor):
+            y = y.to(dev, non_blocking=True)
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            z = self.tokenizer.encode(to_unit(x), check=False)  # the data were range-checked at load
+        return z, y, x
+
+    def __call__(self, step: int, next_batch) -> tuple[torch.Tensor, bool]:
+        """Run step ``step`` (0-based) and return (the step's loss on this process, whether the update was made)."""
+        tc, info = self.tc, self.info
+        accum = tc.grad_accum_steps
+        report = torch.zeros((), device=info.device)
+        for i in range(accum):
+            torch.manual_seed(slot_seed(tc.global_seed, step, i * info.world_size + info.rank))
+            z, y, x = self.batch(next_batch())
+            with parallel.gradient_sync(self.wrapped, self.net, i == accum - 1), torch.autocast(**self.autocast):
+                out = self.wrapped(z, self.conditioner(y, info.device), self.null, images=x)
+                loss = out["loss"] / accum
+            loss.backward()
+            # what the log shows: the loss itself, unless the objective names a more telling one
+            report += out.get("report_loss", out["loss"]).detach() / accum
+        if tc.nonfinite == "skip":
+            norm = torch.nn.utils.clip_grad_norm_(self.params, tc.clip_grad or math.inf)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+            if not bool(torch.isfinite(norm)):  # the same on every rank: gradients are already reduced
+                self.opt.zero_grad(set_to_none=True)
+                self.skipped += 1
+                self.in_a_row += 1
+                print0(f"step {step + 1}: non-finite gradient norm ({norm.item()}); update skipped ({self.skipped} so far)")
+                if self.in_a_row > tc.max_skipped_steps:
+                    raise UserError(
+                        f"training diverged: {self.in_a_row} non-finite steps in a row up to step {step + 1} "
+                        f"(training.max_skipped_steps={tc.max_skipped_steps}); lower training.optimizer.lr or set training.clip_grad"
+                    )
+                return report, False
+            self.in_a_row = 0
+        elif tc.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.clip_grad)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.sched is not None:
+            self.sched.step()
+        self.ema.update()
+        if tc.nonfinite == "stop":  # remember the first bad step without a host sync
+            bad = (self.first_bad == 0) & ~torch.isfinite(report)
+            self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step + 1), self.first_bad)
+        return report, True
+
+    def check_finite(self, run_dir: Path) -> None:
+        """Raise (on every rank) if any process saw a non-finite loss, naming the step and the last good checkpoint."""
+        if self.tc.nonfinite != "stop":
+            return
+        first = torch.where(self.first_bad > 0, self.first_bad, torch.full_like(self.first_bad, 2**62))
+        if parallel.all_reduce_min(first).item() < 2**62:
+            good = ckpt.latest(run_dir / "checkpoints")
+            raise UserError(
+                f"training diverged: non-finite loss at step {first.item()}; last good checkpoint: {good or 'none'} "
+                f"(rerun resumes from it); lower training.optimizer.lr, set training.clip_grad, or set "
+                f"training.nonfinite=skip to drop such steps"
+            )
+
+
+class Rates:
+    """Throughput for the log: images/s, model FLOP/s per device and MFU against the datasheet peak
+    (``hardware.PEAK_TFLOPS``; on CPU the achieved GFLOP/s instead), and the peak memory so far."""
+
+    def __init__(self, cfg: Stage2Config, info: parallel.DistInfo):
+        from nanogen.hardware import peak_flops
+        from nanogen.modelinfo import train_flops_per_image
+
+        tc = cfg.training
+        self.info = info
+        self.images_per_step = micro_batch(cfg, info.world_size) * info.world_size * tc.grad_accum_steps
+        try:
+            self.flops_per_image: float | None = train_flops_per_image(cfg)
+        except Exception:  # a network without an analytic FLOP count: report images/s only
+            self.flops_per_image = None
+        self.peak = peak_flops(info.device, tc.precision == "bf16")
+
+    def start(self, step: int) -> None:
+        self.t, self.step = time.time(), step
+
+    def measure(self, step: int) -> dict[str, float]:
+        from nanogen.hardware import peak_memory_gb
+
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        now = time.time()
+        ips = (step - self.step) * self.images_per_step / max(now - self.t, 1e-9)
+        self.t, self.step = now, step
+        out = {"images_per_s": round(ips, 2), "peak_mem_gb": round(peak_memory_gb(self.info.device), 3)}
+        if self.flops_per_image is not None:
+            per_device = ips * self.flops_per_image / self.info.world_size
+            out["gflops_per_s"] = round(per_device / 1e9, 2)  # model FLOP/s per device
+            if self.peak is not None:
+                out["mfu"] = round(per_device / self.peak, 4)
+        return out
+
+    @staticmethod
+    def short(r: dict[str, float]) -> dict[str, str]:
+        out = {"img_s": f"{r['images_per_s']:.0f}"}
+        if "mfu" in r:
+            out["mfu"] = f"{100 * r['mfu']:.1f}%"
+        elif "gflops_per_s" in r:
+            out["gflops"] = f"{r['gflops_per_s']:.1f}"
+        out["mem"] = f"{r['peak_mem_gb']:.1f}G"
+        return out
+
+    @staticmethod
+    def line(r: dict[str, float]) -> str:
+        rate = f"MFU {100 * r['mfu']:.1f}%" if "mfu" in r else f"{r.get('gflops_per_s', float('nan')):.1f} GFLOP/s"
+        return f"{r['images_per_s']:.0f} img/s {rate} peak mem {r['peak_mem_gb']:.2f} GB"
 
 
 @dataclass

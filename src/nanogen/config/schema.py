@@ -126,7 +126,13 @@ class TrainingConfig:
     grad_accum_steps: int = 1
     image_size: int = 256
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; parameters stay fp32
-    compile: bool = False  # torch.compile the loss function (applied in parallel.py)
+    compile: bool = False  # torch.compile each transformer block (applied in parallel.py)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" compiles in seconds; for debugging)
+    compile_mode: str | None = None  # torch.compile mode: None, "max-autotune", "reduce-overhead", ...
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # multi-process training: DDP, or FSDP2 (fully_shard per block)
+    nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss: stop naming the step, or skip the update (one sync per step)
+    max_skipped_steps: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig | None = field(default_factory=SchedulerConfig)  # None = constant lr
 
