@@ -1,6 +1,7 @@
 """Never losing work: checkpoint retention, a damaged newest checkpoint, SIGTERM (issue 8 item 2)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -87,3 +88,56 @@ def test_a_run_dir_of_another_config_is_refused_naming_the_fields(tmp_path, caps
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
     assert len(moved) == 1 and (moved[0] / "checkpoints" / "step-0000004.pt").is_file()  # the old run is kept
     assert torch.load(tmp_path / "r" / "checkpoints" / "step-0000003.pt", weights_only=False)["step"] == 3
+
+
+def _poison_step(monkeypatch, bad_steps):
+    """Make the data of the given optimizer steps (1-based) NaN: a stand-in for a diverging model."""
+    from nanogen import train as train_mod
+
+    original = train_mod.OptimizerStep.__call__
+
+    def call(self, step, next_batch):
+        if step + 1 in bad_steps:
+            return original(self, step, lambda: tuple(t * float("nan") if torch.is_tensor(t) and t.is_floating_point() else t for t in next_batch()))
+        return original(self, step, next_batch)
+
+    monkeypatch.setattr(train_mod.OptimizerStep, "__call__", call)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from nanogen.errors import UserError
+
+    _poison_step(monkeypatch, {5})
+    cfg = load_config(TINY, [f"run.results_dir={tmp_path}", "run.name=n", "eval=null", "training.checkpoint_every_steps=2",
+                             "training.log_interval=3", "training.keep_checkpoints=0"])  # fmt: skip
+    with pytest.raises(UserError, match=r"non-finite loss at step 5; last good checkpoint: .*step-0000004\.pt"):
+        train(cfg)  # found at the log line of step 6, which comes before step 6's checkpoint
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "n" / "checkpoints")] == [2, 4]  # nothing poisoned saved
+
+
+def test_nonfinite_steps_are_skipped_and_counted_by_config(tmp_path, monkeypatch):
+    from nanogen.errors import UserError
+
+    _poison_step(monkeypatch, {3, 4})
+    base = [f"run.results_dir={tmp_path}", "eval=null", "training.nonfinite=skip", "training.log_interval=6"]
+    res = train(load_config(TINY, [*base, "run.name=s"]))
+    assert res.step == 6 and math.isfinite(res.final_loss)
+    state = torch.load(tmp_path / "s" / "checkpoints" / "step-0000006.pt", weights_only=False)
+    assert state["skipped_steps"] == 2 and state["scheduler"]["last_epoch"] == 4  # 4 updates made
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    rec = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["skipped_nonfinite_steps"] == 2 and math.isfinite(rec["loss"])
+    with pytest.raises(UserError, match="2 non-finite steps in a row up to step 4"):
+        train(load_config(TINY, [*base, "run.name=s2", "training.max_skipped_steps=1"]))
+
+
+def test_log_lines_carry_throughput_flops_and_memory(tmp_path):
+    train(load_config(TINY, [f"run.results_dir={tmp_path}", "run.name=l", "eval=null", "training.log_interval=3"]))
+    recs = [json.loads(x) for x in (tmp_path / "l" / "metrics.jsonl").read_text().splitlines()]
+    from nanogen.modelinfo import train_flops_per_image
+
+    per_image = train_flops_per_image(load_config(TINY, []))
+    for r in recs:
+        assert r["images_per_s"] > 0 and r["peak_mem_gb"] > 0.01
+        assert r["gflops_per_s"] == pytest.approx(r["images_per_s"] * per_image / 1e9, rel=0.02)  # CPU: achieved FLOP/s
+        assert "mfu" not in r  # no datasheet peak for a CPU

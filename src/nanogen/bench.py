@@ -9,9 +9,8 @@ always builds one, §8.1), and ``torch.compile`` captures the forward in one gra
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import platform
+import time
 from typing import Any
 
 import torch
@@ -19,7 +18,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanogen.build import build_network
 from nanogen.config import Stage2Config
-from nanogen.config.loader import build
 
 
 def _timer(stmt: str, globals: dict[str, Any]):
@@ -85,14 +83,6 @@ def attention_masks(net: torch.nn.Module, args: tuple, kwargs: dict) -> list[tup
     return rec.masks
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def graph_breaks(net: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch._dynamo
@@ -118,94 +108,178 @@ def matmul_gflops(
     return {"n": n, "seconds": m.median, "gflops_per_s": 2 * n**3 / m.median / 1e9}
 
 
+class PreEncoded:
+    """The benchmark's conditioner: batches carry ready conditions (labels, or random text-encoder states with a
+    padding mask), as with pre-extracted latents and cached captions, so the timed step is the network's."""
+
+    def __init__(self, cfg: Stage2Config):
+        self.text = cfg.conditioning.type == "text"
+        self.num_classes = cfg.misc.num_classes
+        self.shape = (cfg.conditioning.text_encoder.max_length, cfg.conditioning.context_dim) if self.text else None
+
+    def __call__(self, cond: Any, device: torch.device):
+        return cond
+
+    def null(self, batch: int, device: torch.device):
+        from nanogen.conditioning import Cond
+
+        if not self.text:
+            return Cond(torch.full((batch,), self.num_classes, dtype=torch.long, device=device))
+        mask = torch.zeros(batch, self.shape[0], dtype=torch.bool, device=device)
+        mask[:, 0] = True
+        return Cond(torch.zeros(batch, *self.shape, device=device), mask)
+
+    def batch(self, n: int, device: torch.device, g: torch.Generator):
+        from nanogen.conditioning import Cond
+
+        if not self.text:
+            return Cond(torch.randint(0, self.num_classes, (n,), generator=g).to(device))
+        L, C = self.shape
+        mask = torch.arange(L)[None] < torch.randint(L // 4, L + 1, (n, 1), generator=g)
+        return Cond(torch.randn(n, L, C, generator=g).to(device), mask.to(device))
+
+
 def run_benchmark(
     cfg: Stage2Config,
     batch_size: int = 16,
-    min_time: float = 3.0,
+    steps: int = 20,
+    warmup: int = 3,
+    min_time: float = 1.0,
     explain: bool = True,
     threads: int | None = None,
-    device: str | None = None,
 ) -> dict[str, Any]:
-    from nanogen import registry
+    """Time ``steps`` real optimizer steps of the config (after ``warmup`` untimed ones, which include
+    compilation): loss, backward, clip, AdamW, schedule and EMA through ``train.OptimizerStep``, with the
+    config's precision, compile, activation checkpointing and (under torchrun) DDP/FSDP, on pre-encoded random
+    latents of the config's shape. ``batch_size`` is per process and micro-step."""
+    from nanogen import parallel
+    from nanogen.build import build_objective, load_frozen, needs_images
+    from nanogen.ema import EMA
     from nanogen.errors import UserError
-    from nanogen.models.flops import forward_flops
+    from nanogen.hardware import device_name, peak_flops, peak_memory_gb
+    from nanogen.modelinfo import train_flops_per_image
+    from nanogen.optim import build_optimizer, build_scheduler
+    from nanogen.train import OptimizerStep
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if batch_size < 1 or steps < 1 or warmup < 0:
+        raise UserError(f"--batch-size and --steps must be >= 1 and --warmup >= 0, got {batch_size}, {steps}, {warmup}")
     if threads is not None:
         torch.set_num_threads(threads)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bf16 = cfg.training.precision == "bf16" and dev.type == "cuda"
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    info = parallel.init(cfg.run.device)
+    dev, tc = info.device, cfg.training
+    bf16 = tc.precision == "bf16"
     torch.manual_seed(0)
     net = build_network(cfg).to(dev)
-    _, entry = registry.lookup(registry.MODELS, cfg.stage_2.target, "stage_2.target")
-    mcfg = build(entry.config_cls(), cfg.stage_2.params, source="config", prefix="stage_2.params")
-    args, kwargs = example_inputs(net, batch_size, dev)
-
+    n_params = sum(p.numel() for p in net.parameters())
+    # structural checks on the bare network: dense masks block flash attention; graph breaks split compiled code
+    args, kwargs = example_inputs(net, min(batch_size, 2), dev)
     masks = attention_masks(net, args, kwargs)
-    unmasked_args = args if args[3] is None else (*args[:3], None)
-    unmasked = attention_masks(net, unmasked_args, kwargs)
-
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-    def step() -> None:
-        with amp:
-            out = net(*args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        out.float().square().mean().backward()
-
-    step()  # warm-up (allocations, lazy init)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    m = _timer("step(); sync()", {"step": step, "sync": _sync(dev)}).blocked_autorange(
-        min_run_time=min_time
-    )
-    peak = matmul_gflops(dev, dtype, min_time)
-    flops_step = 3 * forward_flops(mcfg) * batch_size
-    achieved = flops_step / m.median / 1e9
-    res: dict[str, Any] = {
-        "model": cfg.stage_2.target,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({cpu_name()})",
-        "threads": torch.get_num_threads(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "batch_size": batch_size,
-        "step_seconds": m.median,
-        "step_iqr_seconds": m.iqr,
-        "images_per_s": batch_size / m.median,
-        "train_gflops_per_image": 3 * forward_flops(mcfg) / 1e9,
-        "achieved_gflops_per_s": achieved,
-        "matmul": peak,
-        "mfu_vs_matmul": achieved / peak["gflops_per_s"],
+    unmasked = attention_masks(net, args if args[3] is None else (*args[:3], None), kwargs)
+    structure: dict[str, Any] = {
         "attention_calls": len(masks),
         "attention_masks": sorted({str(s) for s in masks}),
         "unmasked_input_attention_masks": sum(s is not None for s in unmasked),
     }
     if explain:
-        res["compile"] = graph_breaks(net, args, kwargs)
-    return res
+        structure["graphs"] = graph_breaks(net, args, kwargs)
+    objective = build_objective(cfg, net, load_frozen(cfg)).to(dev)
+    ema = EMA(net, tc.ema_decay)
+    wrapped = parallel.prepare_training(net, objective, ema.model, info, tc)
+    ema.bind(net)
+    opt = build_optimizer(net, tc.optimizer, dev, fused=not parallel.is_fsdp(net))
+    sched = build_scheduler(opt, tc.scheduler, 1000)
+    cond = PreEncoded(cfg)
+    stepper = OptimizerStep(cfg, info, wrapped, net, opt, sched, ema, None, cond)
+
+    g = torch.Generator().manual_seed(info.rank)
+    z = torch.randn(batch_size, *cfg.misc.latent_size, generator=g).to(dev)
+    y = cond.batch(batch_size, dev, g)
+    images = None
+    if needs_images(cfg):  # REPA / REG / perceptual losses read pixels too
+        images = (torch.rand(batch_size, 3, tc.image_size, tc.image_size, generator=g) * 2 - 1).to(dev)
+
+    def next_batch():
+        return z, y, images
+
+    sync = _sync(dev)
+    for i in range(warmup):
+        stepper(i, next_batch)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss, _ = stepper(warmup + i, next_batch)
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    if not bool(torch.isfinite(loss)):
+        raise UserError(f"benchmark: the loss is not finite after {warmup + steps} steps; check the config's optimizer settings")
+
+    per_step = batch_size * tc.grad_accum_steps
+    flops_img = train_flops_per_image(cfg)
+    achieved = per_step * flops_img / seconds  # model FLOP/s on this device
+    peak = peak_flops(dev, bf16)
+    ceiling = matmul_gflops(dev, torch.bfloat16 if bf16 and dev.type == "cuda" else torch.float32, min_time)
+    if peak is not None:
+        mfu, basis = achieved / peak, f"datasheet dense {'bf16' if bf16 else 'tf32'} peak {peak / 1e12:.1f} TFLOP/s"
+    else:
+        mfu, basis = achieved / (ceiling["gflops_per_s"] * 1e9), "measured matmul ceiling (no datasheet peak for this device)"
+    return {
+        "model": cfg.stage_2.target,
+        "device": device_name(dev),
+        "processes": info.world_size,
+        "threads": torch.get_num_threads(),
+        "precision": tc.precision,
+        "compile": tc.compile,
+        "activation_checkpointing": tc.activation_checkpointing,
+        "parallel": tc.parallel if info.enabled else "none",
+        "torch": torch.__version__,
+        "batch_size": batch_size,
+        "grad_accum_steps": tc.grad_accum_steps,
+        "tokens": getattr(net, "num_patches", None),
+        "params": n_params,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "step_ms": seconds * 1e3,
+        "img_per_s": per_step * info.world_size / seconds,
+        "img_per_s_per_device": per_step / seconds,
+        "train_gflops_per_image": flops_img / 1e9,
+        "gflops_per_s": achieved / 1e9,
+        "mfu": mfu,
+        "mfu_basis": basis,
+        "matmul": ceiling,
+        "mfu_vs_matmul": achieved / (ceiling["gflops_per_s"] * 1e9),
+        "peak_mem_gb": peak_memory_gb(dev),
+        "final_loss": float(loss),
+        "latent_size": list(cfg.misc.latent_size),
+        **structure,
+    }
 
 
 def _sync(dev: torch.device):
-    return torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
 
 def render(r: dict[str, Any]) -> str:
+    extras = [k for k in ("compile", "activation_checkpointing") if r.get(k) is True]
     lines = [
-        f"{r['model']} on {r['device']}, {r['threads']} threads, {r['dtype']}, torch {r['torch']}, batch {r['batch_size']}",
-        f"  train step (fwd+bwd)  {r['step_seconds'] * 1e3:9.1f} ms  (IQR {r['step_iqr_seconds'] * 1e3:.1f} ms), "
-        f"{r['images_per_s']:.1f} img/s",
-        f"  model FLOPs           {r['achieved_gflops_per_s']:9.1f} GFLOP/s  ({r['train_gflops_per_image']:.3f} GFLOPs per image)",
-        f"  matmul ceiling        {r['matmul']['gflops_per_s']:9.1f} GFLOP/s  ({r['matmul']['n']}^2 operands)",
-        f"  MFU vs matmul         {100 * r['mfu_vs_matmul']:9.1f} %",
-        f"  attention masks       {r['unmasked_input_attention_masks']} dense masks for unmasked inputs "
-        f"({r['attention_calls']} attention calls; with this config's inputs: {', '.join(r['attention_masks'])})",
+        f"{r['model']} on {r['device']} x {r['processes']}, {r['threads']} threads, {r['precision']}"
+        f"{', ' + ', '.join(extras) if extras else ''}, torch {r['torch']}, batch {r['batch_size']} x {r['grad_accum_steps']} accumulation",
+        f"  optimizer step        {r['step_ms']:9.1f} ms  (mean of {r['steps']} after {r['warmup_steps']} warm-up), "
+        f"{r['img_per_s_per_device']:.1f} img/s per device",
+        f"  model FLOPs           {r['gflops_per_s']:9.1f} GFLOP/s  ({r['train_gflops_per_image']:.3f} GFLOPs per image, 3 x forward)",
+        f"  MFU                   {100 * r['mfu']:9.1f} %  (vs {r['mfu_basis']})",
+        f"  matmul ceiling        {r['matmul']['gflops_per_s']:9.1f} GFLOP/s  ({r['matmul']['n']}^2 operands"
+        + (")" if r["mfu_basis"].startswith("measured") else f"; {100 * r['mfu_vs_matmul']:.1f} % of it)"),
+        f"  peak memory           {r['peak_mem_gb']:9.2f} GB",
     ]
-    if "compile" in r:
-        c = r["compile"]
-        why = f": {'; '.join(c['reasons'])}" if c["reasons"] else ""
+    if "attention_calls" in r:
         lines.append(
-            f"  torch.compile         {c['graphs']} graph(s), {c['graph_breaks']} graph break(s){why}"
+            f"  attention masks       {r['unmasked_input_attention_masks']} dense masks for unmasked inputs "
+            f"({r['attention_calls']} attention calls; with this config's inputs: {', '.join(r['attention_masks'])})"
         )
+    if "graphs" in r:
+        c = r["graphs"]
+        why = f": {'; '.join(c['reasons'])}" if c["reasons"] else ""
+        lines.append(f"  torch.compile         {c['graphs']} graph(s), {c['graph_breaks']} graph break(s){why}")
     return "\n".join(lines)

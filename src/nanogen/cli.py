@@ -284,14 +284,19 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     import json
 
-    if args.batch_size < 1 or args.min_time <= 0:
-        raise ArgumentError(f"--batch-size must be >= 1 and --min-time > 0, got {args.batch_size} and {args.min_time}")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.min_time <= 0:
+        raise ArgumentError(
+            f"benchmark: --batch-size and --steps must be >= 1, --warmup >= 0 and --min-time > 0; got {args.batch_size}, "
+            f"{args.steps}, {args.warmup} and {args.min_time}"
+        )
     from nanogen.bench import render, run_benchmark
+    from nanogen.log import is_main
 
     cfg = _load(args)
-    res = run_benchmark(cfg, batch_size=args.batch_size, min_time=args.min_time, explain=not args.no_explain,
-                        threads=args.threads)  # fmt: skip
-    print(json.dumps(res, indent=2) if args.json else render(res))
+    res = run_benchmark(cfg, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, min_time=args.min_time,
+                        explain=not args.no_explain, threads=args.threads)  # fmt: skip
+    if is_main():
+        print(json.dumps(res, indent=2) if args.json else render(res))
     return 0
 
 
@@ -677,20 +682,27 @@ def make_parser() -> Parser:
     p.add_argument("dst", metavar="DST", type=_path, help="file to write (.pt or .safetensors)")
     _config_args(p)
 
-    p = add("benchmark", cmd_benchmark, "measure training-step speed of a config's network against this machine's matmul peak",
-            "Times forward+backward of the stage-2 network at the config's size and reports achieved GFLOP/s\n"
-            "(3 x analytic forward FLOPs per image) as a fraction of this machine's own large-matmul GFLOP/s measured\n"
-            "in the same run (the MFU analogue; on a GPU, bf16 autocast is used when training.precision=bf16).\n"
-            "Also checks that no dense attention mask is built for unmasked (class-conditional) inputs and, unless\n"
-            "--no-explain, counts torch.compile graph breaks with torch._dynamo.explain.\n\n"
-            "example:\n"
-            "  nanogen benchmark -c configs/stage2/training/nano/ddt-xs-pixel-xpred-t4c8.yaml --batch-size 32")
+    p = add("benchmark", cmd_benchmark, "measure a config's training step: img/s, ms per step, MFU, peak memory",
+            "Runs real optimizer steps of the config (loss, backward, clip, AdamW, schedule, EMA: the training loop's\n"
+            "own step function) with its precision, torch.compile, activation checkpointing and, under torchrun,\n"
+            "DDP or FSDP2, on random pre-encoded latents of the config's shape. Warm-up steps (including compilation)\n"
+            "are not timed. MFU = 3 x analytic forward FLOPs per image x img/s over the GPU's datasheet dense peak\n"
+            "(bf16 or tf32); on a CPU, over this machine's large-matmul GFLOP/s measured in the same run. Also checks\n"
+            "that no dense attention mask is built for unmasked inputs and, unless --no-explain, counts\n"
+            "torch.compile graph breaks.\n\n"
+            "examples:\n"
+            "  nanogen benchmark -c configs/stage2/training/nano/ddt-xs-pixel-xpred-t4c8.yaml --batch-size 32\n"
+            "  nanogen benchmark -c configs/stage2/training/imagenet/ddt-en28d1152hd72-dn2d2048hd128-sdvae-ema-vpred-t4c8.yaml \\\n"
+            "      training.precision=bf16 training.compile=true --batch-size 128 --steps 30 --json\n"
+            "  torchrun --nproc_per_node 8 -m nanogen benchmark -c CONFIG training.parallel=fsdp --batch-size 128")
     _config_args(p)
-    p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
-    p.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per measurement (default 3)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per process and micro-step (default 16)")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, including compilation (default 3)")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timing for the matmul ceiling (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-explain", action="store_true", help="skip the torch._dynamo.explain graph-break check")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (keys img_per_s, step_ms, mfu, device, ...)")
 
     p = add("benchmark-data", cmd_benchmark_data, "measure data-loading throughput: images/s per worker and caption batches/s",
             "Writes synthetic JPEG photos (ImageNet-like sizes) as class folders and as WebDataset shards in a temp\n"

@@ -103,7 +103,7 @@ def harness_rates(config: str, device: torch.device, samples: int, batch: int) -
 
 
 def run(dim: int, methods: list[str], samples: int, batch: int, config: str, device: torch.device) -> dict[str, Any]:
-    from nanogen.bench import cpu_name
+    from nanogen.hardware import cpu_name
 
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
