@@ -72,6 +72,29 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
     assert res.step == saved[0][0] + 2 and res.steps_this_run == 2
 
 
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_exactly(tmp_path):
+    """kill -9 (the OOM killer, a lost node): no handler runs. The rerun resumes from the newest checkpoint on
+    disk and continues the uninterrupted run's trajectory exactly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOGEN_NO_PROGRESS": "1"}
+    common = [f"run.results_dir={tmp_path}", "eval=null", "training.checkpoint_every_steps=2", "training.log_interval=1",
+              "training.sample_every=0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "nanogen", "train", "-c", TINY, *common, "run.name=k", "training.max_steps=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("step 5/") or time.time() > deadline:
+            break
+    proc.kill()
+    proc.communicate(timeout=60)
+    newest = ckpt.list_checkpoints(tmp_path / "k" / "checkpoints")[-1][0]
+    assert newest >= 4
+    res = train(load_config(TINY, [*common, "run.name=k", f"training.max_steps={newest + 2}"]))
+    assert res.steps_this_run == 2
+    train(load_config(TINY, [*common, "run.name=ref", f"training.max_steps={newest + 2}"]))
+    assert _losses(tmp_path / "k")[newest + 2] == _losses(tmp_path / "ref")[newest + 2]
+
+
 def test_a_run_dir_of_another_config_is_refused_naming_the_fields(tmp_path, capsys):
     from conftest import one_line_error
     from nanogen.cli import main
@@ -141,3 +164,22 @@ def test_log_lines_carry_throughput_flops_and_memory(tmp_path):
         assert r["images_per_s"] > 0 and r["peak_mem_gb"] > 0.01
         assert r["gflops_per_s"] == pytest.approx(r["images_per_s"] * per_image / 1e9, rel=0.02)  # CPU: achieved FLOP/s
         assert "mfu" not in r  # no datasheet peak for a CPU
+
+
+def test_stage1_falls_back_past_a_damaged_checkpoint_and_resumes_exactly(tmp_path):
+    from test_stage1 import NANO, TINY as TINY_VAE
+
+    from nanogen.config import load_stage1_config
+    from nanogen.stage1.train import train_stage1
+
+    cfg = load_stage1_config(NANO, [*TINY_VAE, f"run.results_dir={tmp_path}", "run.name=v", "eval=null", "training.max_steps=4",
+                             "training.checkpoint_every_steps=2", "training.keep_checkpoints=0"])  # fmt: skip
+    train_stage1(cfg)
+    first = _losses(tmp_path / "v")
+    newest = tmp_path / "v" / "checkpoints" / "step-0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:500])
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint step-0000004.pt"):
+        res = train_stage1(cfg)
+    assert res.steps_this_run == 2
+    recs = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 3, 4] and recs[-1]["loss"] == first[4]  # the same trajectory

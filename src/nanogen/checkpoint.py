@@ -130,6 +130,19 @@ def config_differences(saved_yaml: str, cfg: Any) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
 
 
+def refuse_other_config(state: dict[str, Any] | None, cfg: Any, run_dir: Path) -> None:
+    """Resuming ``run_dir`` with another config would silently train another model: one line naming the fields."""
+    from nanogen.errors import UserError
+
+    diffs = config_differences(state["config"], cfg) if state is not None and state.get("config") else []
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise UserError(
+            f"'{run_dir}' holds a run of another config ({shown}); use another run.name, or pass --overwrite "
+            f"to move the old run aside and start over"
+        )
+
+
 def move_aside(run_dir: Path) -> Path:
     """--overwrite: the old run is renamed, never deleted (a mistyped run name must not cost a week)."""
     dest = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -106,7 +106,7 @@ def sample_grid(
     return gen.generate(objective, tokenizer, conditioner, conds, noise, sampler_settings(cfg)), prompts
 
 
-def _sigterm_as_interrupt() -> Any:
+def sigterm_as_interrupt() -> Any:
     """SIGTERM (what SLURM and Kubernetes send before killing a job) takes Ctrl-C's path: save a checkpoint,
     then exit. Returns the previous handler (None when not in the main thread, where signals cannot be set)."""
     import signal
@@ -121,7 +121,7 @@ def _sigterm_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _restore_sigterm(previous: Any) -> None:
+def restore_sigterm(previous: Any) -> None:
     import signal
 
     if previous is not None:
@@ -145,13 +145,7 @@ def train(cfg: Stage2Config) -> TrainResult:
             f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
             f"choose a new run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
         )
-    diffs = ckpt.config_differences(state["config"], cfg) if state is not None and "config" in state else []
-    if diffs:
-        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-        raise UserError(
-            f"'{run_dir}' holds a run of another config ({shown}); use another run.name, or pass --overwrite "
-            f"to move the old run aside and start over"
-        )
+    ckpt.refuse_other_config(state, cfg, run_dir)
 
     # ---- data ----
     micro = micro_batch(cfg, info.world_size)
@@ -263,7 +257,7 @@ def train(cfg: Stage2Config) -> TrainResult:
     last_counters: dict[str, int] = {}
     bar = progress(total_steps, "training", unit="step", initial=step)
     rates.start(step)
-    previous_sigterm = _sigterm_as_interrupt()
+    previous_sigterm = sigterm_as_interrupt()
     try:
         while step < total_steps:
             loss, updated = stepper(step, lambda: next(batches))
@@ -305,7 +299,7 @@ def train(cfg: Stage2Config) -> TrainResult:
         save_checkpoint()
         raise
     finally:
-        _restore_sigterm(previous_sigterm)
+        restore_sigterm(previous_sigterm)
     bar.close()
     result.wall_s = time.time() - t_start
     result.steps_this_run = step - start_step

@@ -41,7 +41,7 @@ from nanogen.config import Stage1Config, dump_yaml
 from nanogen.config.loader import build
 from nanogen.data.loader import TensorLoader
 from nanogen.ema import EMA
-from nanogen.errors import UserError
+from nanogen.errors import NotAvailableError, UserError
 from nanogen.latents.base import check_images, to_unit
 from nanogen.log import MetricsLog, append_csv, print0, progress, read_metrics
 from nanogen.optim import build_optimizer, build_scheduler
@@ -176,9 +176,24 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
     from nanogen.build import load_train_images
     from nanogen.stage1.diffaug import DiffAug
     from nanogen.stage1.evaluate import check_stage1_metrics, evaluate_reconstruction, load_eval_images
-    from nanogen.train import ensure_writable, micro_batch, periodic, write_config
+    from nanogen.train import (
+        ensure_writable,
+        micro_batch,
+        periodic,
+        restore_sigterm,
+        sigterm_as_interrupt,
+        slot_seed,
+        write_config,
+    )
 
     tc, gl = cfg.training, cfg.gan.loss
+    unsupported = [f"training.{k}={v}" for k, v in (("parallel", tc.parallel), ("activation_checkpointing", tc.activation_checkpointing),
+                   ("grad_accum_steps", tc.grad_accum_steps)) if v not in ("ddp", False, 1)]  # fmt: skip
+    if unsupported:
+        raise NotAvailableError(
+            f"{', '.join(unsupported)}: stage-1 training runs DDP without gradient accumulation or activation "
+            f"checkpointing in this release (the decoders are small); drop the setting"
+        )
     use_gan, use_lpips = gl.disc_weight > 0, gl.perceptual_weight > 0
     if cfg.eval is not None:
         check_stage1_metrics(cfg.eval.datasets)
@@ -190,12 +205,14 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
     if info.is_main:
         ensure_writable(run_dir, "results directory", "run.results_dir=PATH")
     parallel.barrier()
-    existing = ckpt.latest(run_dir / "checkpoints")
+    found = ckpt.newest_readable(run_dir / "checkpoints") if cfg.run.resume else None  # skips a damaged newest file
+    existing, state = found if found is not None else (ckpt.latest(run_dir / "checkpoints"), None)
     if existing is not None and not cfg.run.resume:
         raise UserError(
             f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
-            f"choose a new run.name, or drop run.resume=false to continue that run"
+            f"choose a new run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
         )
+    ckpt.refuse_other_config(state, cfg, run_dir)
 
     # ---- model, losses, discriminator (everything that can fail to load fails here, before training) ----
     torch.manual_seed(tc.global_seed)
@@ -228,8 +245,7 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
 
     # ---- resume ----
     step = d_steps = 0
-    if existing is not None:
-        state = ckpt.read(existing)
+    if state is not None:
         ckpt.load_weights(part, state["model"], f"checkpoint '{existing}' (model)")
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -245,9 +261,6 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
         print0(f"resumed from {existing} at step {step}")
     if info.is_main:
         write_config(cfg, run_dir, step)
-    torch.manual_seed(tc.global_seed * 7919 + info.rank + step)
-    if existing is not None and "rng" in state and world == 1:
-        ckpt.set_rng_state(state["rng"])
 
     metrics = MetricsLog(run_dir / "metrics.jsonl" if info.is_main else None)
     wrapped = parallel.wrap_for_training(Reconstruct(model), info, tc.compile)
@@ -274,10 +287,10 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
                 "disc": disc.heads.state_dict() if disc is not None else None,
                 "disc_optimizer": d_opt.state_dict() if d_opt is not None else None,
                 "disc_scheduler": d_sched.state_dict() if d_sched is not None else None,
-                "loader": loader.state_dict(), "rng": ckpt.rng_state(), "config": dump_yaml(cfg), "stage": 1,
+                "loader": loader.state_dict(), "config": dump_yaml(cfg), "stage": 1,
             }  # fmt: skip
             ckpt.save(run_dir / "checkpoints" / f"step-{step:07d}.pt", payload)
-            ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints)
+            ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints, tc.keep_every_steps)
         parallel.barrier()
 
     def recon_eval(x01: Tensor) -> Tensor:
@@ -320,8 +333,10 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
     def acc(name: str, value: Tensor) -> None:
         sums[name] = sums.get(name, torch.zeros((), device=info.device)) + value.detach().float()
 
+    previous_sigterm = sigterm_as_interrupt()
     try:
         while step < total_steps:
+            torch.manual_seed(slot_seed(tc.global_seed, step, info.rank))  # resume is exact with no RNG state to restore
             epoch = step // steps_per_epoch
             (x,) = next(batches)
             x01 = to_unit(x.to(info.device, non_blocking=True))
@@ -396,6 +411,8 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
         print0(f"interrupted at step {step}; saving a checkpoint so 'nanogen train-stage1' resumes from here")
         save_checkpoint()
         raise
+    finally:
+        restore_sigterm(previous_sigterm)
     bar.close()
     result.wall_s = time.time() - t_start
     result.steps_this_run = step - start_step
