@@ -103,13 +103,17 @@ def test_a_run_dir_of_another_config_is_refused_naming_the_fields(tmp_path, caps
     assert main(base) == 0
     before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
     one_line_error(capsys, [*base, "stage_2.params.hidden_size=48", "transport.t_eps=0.1"],
-                   "holds a run of another config", "stage_2.params.hidden_size: 32 -> 48", "--overwrite")  # fmt: skip
+                   "holds a run of another config", "stage_2.params.hidden_size: 32 -> 48", "--resume", "--overwrite")  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before  # nothing touched
     # what may change on resume: the step budget, logging, eval, paths
     assert main([*base[:-1], "training.max_steps=4", "training.log_interval=1"]) == 0
+    # --resume: a deliberate change (here the loss's t floor) continues the run, with a warning naming it
+    with pytest.warns(UserWarning, match=r"changed config \(transport.t_eps: 0.05 -> 0.1\)"):
+        assert main([*base[:-1], "training.max_steps=5", "transport.t_eps=0.1", "--resume"]) == 0
+    one_line_error(capsys, [*base, "--resume", "--overwrite"], "pass one of them")
     assert main([*base, "stage_2.params.hidden_size=48", "--overwrite"]) == 0
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
-    assert len(moved) == 1 and (moved[0] / "checkpoints" / "step-0000004.pt").is_file()  # the old run is kept
+    assert len(moved) == 1 and (moved[0] / "checkpoints" / "step-0000005.pt").is_file()  # the old run is kept
     assert torch.load(tmp_path / "r" / "checkpoints" / "step-0000003.pt", weights_only=False)["step"] == 3
 
 
@@ -167,10 +171,10 @@ def test_log_lines_carry_throughput_flops_and_memory(tmp_path):
 
 
 def test_stage1_falls_back_past_a_damaged_checkpoint_and_resumes_exactly(tmp_path):
-    from test_stage1 import NANO, TINY as TINY_VAE
-
     from nanogen.config import load_stage1_config
     from nanogen.stage1.train import train_stage1
+    from test_stage1 import NANO
+    from test_stage1 import TINY as TINY_VAE
 
     cfg = load_stage1_config(NANO, [*TINY_VAE, f"run.results_dir={tmp_path}", "run.name=v", "eval=null", "training.max_steps=4",
                              "training.checkpoint_every_steps=2", "training.keep_checkpoints=0"])  # fmt: skip
@@ -183,3 +187,11 @@ def test_stage1_falls_back_past_a_damaged_checkpoint_and_resumes_exactly(tmp_pat
     assert res.steps_this_run == 2
     recs = [json.loads(x) for x in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 3, 4] and recs[-1]["loss"] == first[4]  # the same trajectory
+
+
+def test_a_global_batch_that_does_not_split_is_one_line_before_anything_is_written(tmp_path, capsys):
+    from conftest import one_line_error
+
+    one_line_error(capsys, ["train", "-c", TINY, f"run.results_dir={tmp_path}", "training.global_batch_size=10",
+                            "training.grad_accum_steps=4"], "global_batch_size: 10 is not divisible", "1 x 4")  # fmt: skip
+    assert not any(tmp_path.iterdir())

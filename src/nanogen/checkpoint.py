@@ -130,16 +130,19 @@ def config_differences(saved_yaml: str, cfg: Any) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys]
 
 
-def refuse_other_config(state: dict[str, Any] | None, cfg: Any, run_dir: Path) -> None:
-    """Resuming ``run_dir`` with another config would silently train another model: one line naming the fields."""
+def refuse_other_config(state: dict[str, Any] | None, cfg: Any, run_dir: Path, accept: bool = False) -> None:
+    """Resuming ``run_dir`` with another config would silently train another model: one line naming the fields,
+    unless ``accept`` (``--resume``), which continues with the new settings after a warning that names them."""
     from nanogen.errors import UserError
 
     diffs = config_differences(state["config"], cfg) if state is not None and state.get("config") else []
-    if diffs:
-        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+    shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+    if diffs and accept:
+        warnings.warn(f"--resume: continuing '{run_dir}' with a changed config ({shown})", stacklevel=2)
+    elif diffs:
         raise UserError(
-            f"'{run_dir}' holds a run of another config ({shown}); use another run.name, or pass --overwrite "
-            f"to move the old run aside and start over"
+            f"'{run_dir}' holds a run of another config ({shown}); use another run.name, pass --resume to continue "
+            f"it with the new settings, or --overwrite to move the old run aside and start over"
         )
 
 

@@ -76,19 +76,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nanogen.build import check_runnable
 
     check_runnable(cfg)  # say what is not available before printing a page of config
+    _run_dir_flags(args, cfg)
+    _print_config(cfg)
+    res = train(cfg, accept_changes=args.resume)
+    _summary(res)
+    return 0
+
+
+def _run_dir_flags(args: argparse.Namespace, cfg) -> None:
+    """--overwrite moves an existing run directory aside (never deletes it); --resume and --overwrite exclude each other."""
+    if args.overwrite and args.resume:
+        raise ArgumentError("--resume continues the run in the directory and --overwrite moves it aside: pass one of them")
     if args.overwrite:
         from pathlib import Path
 
         from nanogen.checkpoint import move_aside
         from nanogen.log import is_main, print0
+        from nanogen.parallel import barrier
 
         run_dir = Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
         if run_dir.exists() and is_main():
             print0(f"--overwrite: moved the old run to {move_aside(run_dir)}")
-    _print_config(cfg)
-    res = train(cfg)
-    _summary(res)
-    return 0
+        barrier()
+
+
+def _run_dir_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds another run (the old one is renamed, not deleted)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the directory even though the config changed what the run is "
+                        "(e.g. a new loss weight); the weights must still fit the model")  # fmt: skip
 
 
 def _parse_labels(text: str, num_classes: int) -> list[int]:
@@ -415,8 +432,9 @@ def cmd_train_stage1(args: argparse.Namespace) -> int:
 
         print(dump_yaml(cfg), end="")
         return 0
+    _run_dir_flags(args, cfg)
     _print_config(cfg)
-    res = train_stage1(cfg)
+    res = train_stage1(cfg, accept_changes=args.resume)
     losses = ", ".join(f"{k} {v:.4g}" for k, v in res.final.items() if k in ("loss", "l1", "lpips", "kl", "gan", "d_acc"))
     print0(
         f"done: step {res.step}, {res.images_per_s:.1f} img/s, {losses or 'no steps trained in this call'}, "
@@ -585,8 +603,7 @@ def make_parser() -> Parser:
     p.add_argument("--results-dir", default=None, help="shorthand for run.results_dir=DIR")
     p.add_argument("--name", default=None, help="shorthand for run.name=NAME")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in a run directory that holds another run (the old one is renamed, not deleted)")
+    _run_dir_args(p)
 
     p = add("sample", cmd_sample, "sample an image grid from a checkpoint (EMA weights)",
             "examples:\n  nanogen sample -c CONFIG --ckpt results/demo/checkpoints/step-0000700.pt --out grid.png\n"
@@ -831,6 +848,7 @@ def make_parser() -> Parser:
     p.add_argument("--name", default=None, help="run name (default: the config file's stem)")
     p.add_argument("--results-dir", default=None, help="parent directory of runs (default: results)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    _run_dir_args(p)
     p = add("eval-stage1", cmd_eval_stage1, "reconstruction metrics of a tokenizer: rFID, PSNR, SSIM, LPIPS",
             "Reconstructs every image of each eval.datasets entry and reports psnr_mean_per_image (the mean of\n"
             "per-image PSNRs), ssim_tm_mean_per_image (torchmetrics SSIM), lpips_vgg_mean_per_image and\n"

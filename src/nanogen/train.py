@@ -128,10 +128,11 @@ def restore_sigterm(previous: Any) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def train(cfg: Stage2Config) -> TrainResult:
+def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
     check_runnable(cfg)  # everything that can be wrong with the config fails here, before any work
     info = parallel.init(cfg.run.device)
     tc = cfg.training
+    micro = micro_batch(cfg, info.world_size)  # a global batch that does not split fails before anything is written
     run_dir = Path(cfg.run.results_dir).expanduser() / str(cfg.run.name)
     if info.is_main:  # every directory the run will write is checked now, not after hours of training
         ensure_writable(run_dir, "results directory", "run.results_dir=PATH")
@@ -145,10 +146,9 @@ def train(cfg: Stage2Config) -> TrainResult:
             f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
             f"choose a new run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
         )
-    ckpt.refuse_other_config(state, cfg, run_dir)
+    ckpt.refuse_other_config(state, cfg, run_dir, accept_changes)
 
     # ---- data ----
-    micro = micro_batch(cfg, info.world_size)
     pre_encoded = cfg.dataset.latents_dir is not None  # shards from `nanogen extract-latents`: no encoder in the loop
     if pre_encoded:
         loader = open_latents(cfg, micro, info.rank, info.world_size)  # batches (z, y, images or None)

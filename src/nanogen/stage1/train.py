@@ -172,7 +172,7 @@ def discriminator_loss(
 # The loop
 
 
-def train_stage1(cfg: Stage1Config) -> Stage1Result:
+def train_stage1(cfg: Stage1Config, accept_changes: bool = False) -> Stage1Result:
     from nanogen.build import load_train_images
     from nanogen.stage1.diffaug import DiffAug
     from nanogen.stage1.evaluate import check_stage1_metrics, evaluate_reconstruction, load_eval_images
@@ -212,7 +212,7 @@ def train_stage1(cfg: Stage1Config) -> Stage1Result:
             f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
             f"choose a new run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
         )
-    ckpt.refuse_other_config(state, cfg, run_dir)
+    ckpt.refuse_other_config(state, cfg, run_dir, accept_changes)
 
     # ---- model, losses, discriminator (everything that can fail to load fails here, before training) ----
     torch.manual_seed(tc.global_seed)
