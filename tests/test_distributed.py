@@ -49,21 +49,24 @@ def _one_process_reference(tmp_path):
 @pytest.mark.dist
 def test_fsdp2_trains_checkpoints_and_resumes_to_the_one_process_result(tmp_path):
     """FSDP2 (fully_shard per block) on 2 gloo processes, with activation checkpointing and per-block compile,
-    stopped at step 4 and resumed to step 6: the same model and EMA as one process on the same global batch."""
+    stopped at step 4 and resumed to step 6 (then evaluated): the same model, EMA and AdamW state as one process
+    on the same global batch."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOGEN_NO_PROGRESS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogen",
         "train", "-c", TINY, f"run.results_dir={tmp_path}", "run.name=fsdp", "training.global_batch_size=8",
-        "eval=null", "training.parallel=fsdp", "training.activation_checkpointing=true", "training.compile=true",
+        "training.parallel=fsdp", "training.activation_checkpointing=true", "training.compile=true",
         "training.compile_backend=aot_eager", "training.checkpoint_every_steps=2",
     ]  # fmt: skip
-    first = subprocess.run([*cmd, "training.max_steps=4"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    first = subprocess.run([*cmd, "training.max_steps=4", "eval=null"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert (tmp_path / "fsdp" / "checkpoints" / "step-0000004.pt").is_file(), first.stderr[-3000:]
     assert "FSDP over 2 processes" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     final = tmp_path / "fsdp" / "checkpoints" / "step-0000006.pt"
     assert final.is_file(), second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step-0000004.pt" in second.stdout
+    recs = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_ema/fid_mnist" in r for r in recs)  # evaluation deals uneven work: it runs on gathered copies
     state = torch.load(final, weights_only=False)
     one = _one_process_reference(tmp_path)
     assert set(state["model"]) == set(one["model"]) and set(state["optimizer"]["state"]) == set(one["optimizer"]["state"])

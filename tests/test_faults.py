@@ -195,3 +195,14 @@ def test_a_global_batch_that_does_not_split_is_one_line_before_anything_is_writt
     one_line_error(capsys, ["train", "-c", TINY, f"run.results_dir={tmp_path}", "training.global_batch_size=10",
                             "training.grad_accum_steps=4"], "global_batch_size: 10 is not divisible", "1 x 4")  # fmt: skip
     assert not any(tmp_path.iterdir())
+
+
+def test_weights_and_biases_offline_mirrors_the_log(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(load_config(TINY, [f"run.results_dir={tmp_path}", "run.name=w", "eval=null", "run.wandb=true", "training.log_interval=3"]))
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    assert summary["_step"] == 6 and summary["loss"] == _losses(tmp_path / "w")[6] and "images_per_s" in summary

@@ -45,6 +45,12 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
 
+    def close(self) -> None:
+        """Finish the W&B run (its offline files are complete only after this)."""
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
 
 def append_csv(path: Path, row: dict[str, Any]) -> None:
     """Add a row to a CSV whose header is the union of all columns seen so far (``step`` first)."""

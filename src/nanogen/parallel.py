@@ -225,14 +225,16 @@ def local_tensors(module: nn.Module) -> list[torch.Tensor]:
     return [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]  # type: ignore[operator]
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict with the model's own keys, on CPU. Under FSDP this is a collective (call it on
-    every rank); rank 0 gets the tensors, the other ranks an empty dict."""
+def full_state_dict(module: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The whole state dict with the model's own keys. Under FSDP this is a collective (call it on every rank):
+    by default rank 0 gets it on CPU and the other ranks an empty dict; ``everywhere`` gives every rank a copy
+    on its device."""
     if not is_fsdp(module):
         return module.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    return get_model_state_dict(module, options=options)
 
 
 def load_full_state_dict(module: nn.Module, sd: dict[str, torch.Tensor]) -> None:

@@ -220,8 +220,17 @@ def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
             ckpt.prune(run_dir / "checkpoints", tc.keep_checkpoints, tc.keep_every_steps)
         parallel.barrier()
 
+    def for_sampling(kind: str) -> torch.nn.Module:
+        """The objective that samples with the EMA (or live) weights. Under FSDP every process first gathers a
+        whole copy: evaluation deals uneven shards of work to processes, and sharded forwards must run in step."""
+        if not parallel.is_fsdp(net):
+            return ema_objective if kind == "ema" else objective
+        whole = build_network(cfg).to(info.device).eval().requires_grad_(False)
+        whole.load_state_dict(parallel.full_state_dict(ema.model if kind == "ema" else net, everywhere=True))
+        return build_objective(cfg, whole)
+
     def save_samples() -> None:
-        grid, prompts = sample_grid(cfg, ema_objective, tokenizer, conditioner, info.device)
+        grid, prompts = sample_grid(cfg, for_sampling("ema"), tokenizer, conditioner, info.device)
         if info.is_main:
             for path in (run_dir / "samples" / f"step-{step:07d}.png", run_dir / "samples.png"):
                 if prompts is None:
@@ -234,7 +243,7 @@ def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
         from nanogen.eval.evaluate import evaluate, record, summary_line
 
         assert cfg.eval is not None
-        kinds = [("ema", ema_objective)] + ([("model", objective)] if cfg.eval.eval_model else [])
+        kinds = [("ema", for_sampling("ema"))] + ([("model", for_sampling("model"))] if cfg.eval.eval_model else [])
         out = eval_dir(cfg, run_dir)
         for kind, obj in kinds:
             samples = out / "samples" / cfg.run.name / f"step-{step:07d}-{kind}" if cfg.eval.save_samples else None
@@ -317,6 +326,7 @@ def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
         save_loss_curve([r["step"] for r in hist], [r["loss"] for r in hist], run_dir / "loss.png")
     if cfg.eval is not None and cfg.eval.datasets:
         run_eval("")
+    metrics.close()
     return result
 
 
