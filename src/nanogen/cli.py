@@ -556,6 +556,45 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+    from pathlib import Path
+
+    from nanogen.leaderboard import correlation, render, results
+
+    if args.no_paper and not args.results:
+        raise UserError("report: --no-paper leaves nothing to report; give RESULTS files or folders")
+    subset = args.subset
+    if subset is not None and "," in subset:
+        subset = [s for s in subset.split(",") if s.strip()]
+    modes = ("with", "without") if args.guidance == "both" else (args.guidance,)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every malformed line is reported, not only the first of a kind
+        res = results.load(args.results, paper=not args.no_paper)
+    for w in caught:
+        print(f"nanogen: warning: {w.message}", file=sys.stderr)
+    reports = [correlation.correlate(res, subset or "all", mode) for mode in modes]
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"report: cannot create --out '{out}': {e.strerror}") from None
+    board, corr = render.leaderboard_markdown(res, modes), render.correlation_markdown(reports)
+    (out / "leaderboard.md").write_text(board, encoding="utf-8")
+    (out / "correlations.md").write_text(corr, encoding="utf-8")
+    (out / "leaderboard.html").write_text(render.leaderboard_html(res, reports, modes), encoding="utf-8")
+    plots = render.scatter_plots(res, out, modes)
+    if args.json:
+        doc = render.report_dict(res, reports, modes)
+        doc["files"] = [str(out / n) for n in ("leaderboard.md", "correlations.md", "leaderboard.html")] + [str(p) for p in plots]
+        print(json.dumps(doc, indent=1, ensure_ascii=False))
+    else:
+        print(board + "\n" + corr)
+        print(f"wrote {out}/leaderboard.md, correlations.md, leaderboard.html and {len(plots)} scatter plot(s)")
+    return 0
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -872,6 +911,37 @@ def make_parser() -> Parser:
             "Lists the built-in configs (the reference's zoo under the same names, plus the nano tier).\n\n"
             "examples:\n  nanogen configs\n  nanogen configs imagenet rae     only paths containing every word")
     p.add_argument("filter", nargs="*", metavar="WORD", help="only paths containing every WORD")
+    p = add("report", cmd_report, "the DiffusionBench leaderboard and ImageNet-vs-T2I rank correlations from results files",
+            "Reads benchmark results and writes the DiffusionBench report into --out: leaderboard.md (one table per\n"
+            "axis, with and without classifier-free guidance), correlations.md (Pearson, Spearman and Kendall tau-b\n"
+            "between every ImageNet metric and every T2I metric, over the methods that have both), leaderboard.html\n"
+            "(one self-contained page with a guidance toggle and a metric selector) and scatter-*.png (ImageNet\n"
+            "metric vs T2I metric, one point per method, coloured by category). The Markdown is printed too.\n\n"
+            "RESULTS are files or folders: results stores (.jsonl, one {method, axis, guidance, seed, metrics} object\n"
+            "a line, as `nanogen bench` writes), and the eval records of `nanogen eval` (<run>_ema.csv,\n"
+            "results.jsonl). The paper's own published tables ship with nanogen and are included unless --no-paper.\n"
+            "Missing axes or metrics show as gaps; a malformed line is reported as file:line and skipped.\n\n"
+            "Reading the correlations: coefficients are raw. FID is lower-better and GenEval higher-better, so a\n"
+            "NEGATIVE FID-vs-GenEval coefficient means the two axes agree; the 'agree if' column says which sign.\n"
+            "A subset with fewer than 3 methods having both values gets no coefficient, and the reason.\n\n"
+            "examples:\n"
+            "  nanogen report                                   the paper's tables alone: leaderboard + correlations\n"
+            "  nanogen report results/bench --no-paper          a nano suite's results store only\n"
+            "  nanogen report results/run/evals results/bench   eval CSVs and a results store, next to the paper\n"
+            "  nanogen report --subset pixel-space --guidance without\n"
+            "  nanogen report --subset 'DINOv2-B,FLUX.2-VAE,JiT,PixNerd' --out /tmp/report\n"
+            "  nanogen report --json > report.json              everything as JSON (files are still written)")
+    p.add_argument("results", nargs="*", metavar="RESULTS",
+                   help="results files or folders (.jsonl stores, eval *_ema.csv / *_model.csv / results.jsonl); "
+                        "default: the paper's tables only")
+    p.add_argument("--no-paper", action="store_true", help="leave the paper's published numbers out")
+    p.add_argument("--out", default="results/report", metavar="DIR", help="output folder (default: results/report)")
+    p.add_argument("--subset", default=None, metavar="NAME|A,B,C",
+                   help="methods to correlate: all (default), latent-space, improved-latent, traditional-latent, "
+                        "pixel-space, one-few-step, reference, or a comma-separated list of method names")
+    p.add_argument("--guidance", default="both", choices=["with", "without", "both"],
+                   help="with / without classifier-free guidance, or both (default)")
+    p.add_argument("--json", action="store_true", help="print the leaderboard and correlations as JSON instead of Markdown")
     return parser
 
 
