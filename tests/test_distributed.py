@@ -47,24 +47,26 @@ def _one_process_reference(tmp_path):
 
 
 @pytest.mark.dist
-def test_fsdp2_trains_checkpoints_and_resumes_to_the_one_process_result(tmp_path):
-    """FSDP2 (fully_shard per block) on 2 gloo processes, with activation checkpointing and per-block compile,
-    stopped at step 4 and resumed to step 6 (then evaluated): the same model, EMA and AdamW state as one process
-    on the same global batch."""
+def test_fsdp2_resumes_trains_checkpoints_and_evaluates_to_the_one_process_result(tmp_path):
+    """A run checkpointed at step 4 by one process (2 accumulation steps) resumes under FSDP2 (fully_shard per
+    block) on 2 gloo processes, with activation checkpointing and per-block compile, trains to step 6, saves and
+    evaluates: the checkpoint holds the same model, EMA and AdamW state as the one-process run to step 6. (So the
+    file format is the same whole, name-keyed state under either mode, and an FSDP checkpoint resumes anywhere.)"""
+    from nanogen.config import load_config
+    from nanogen.train import train
+
+    common = [f"run.results_dir={tmp_path}", "training.global_batch_size=8", "training.checkpoint_every_steps=2"]
+    train(load_config(TINY, [*common, "run.name=fsdp", "eval=null", "training.grad_accum_steps=2", "training.max_steps=4"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NANOGEN_NO_PROGRESS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogen",
-        "train", "-c", TINY, f"run.results_dir={tmp_path}", "run.name=fsdp", "training.global_batch_size=8",
-        "training.parallel=fsdp", "training.activation_checkpointing=true", "training.compile=true",
-        "training.compile_backend=aot_eager", "training.checkpoint_every_steps=2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanogen", "train",
+        "-c", TINY, *common, "run.name=fsdp", "training.parallel=fsdp", "training.activation_checkpointing=true",
+        "training.compile=true", "training.compile_backend=aot_eager",
     ]  # fmt: skip
-    first = subprocess.run([*cmd, "training.max_steps=4", "eval=null"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert (tmp_path / "fsdp" / "checkpoints" / "step-0000004.pt").is_file(), first.stderr[-3000:]
-    assert "FSDP over 2 processes" in first.stdout
-    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     final = tmp_path / "fsdp" / "checkpoints" / "step-0000006.pt"
-    assert final.is_file(), second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "step-0000004.pt" in second.stdout
+    assert final.is_file(), r.stderr[-3000:]
+    assert "FSDP over 2 processes" in r.stdout and "resumed from" in r.stdout and "step-0000004.pt" in r.stdout
     recs = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_ema/fid_mnist" in r for r in recs)  # evaluation deals uneven work: it runs on gathered copies
     state = torch.load(final, weights_only=False)

@@ -208,3 +208,15 @@ def test_weights_and_biases_offline_mirrors_the_log(tmp_path, monkeypatch):
     data = record.read_bytes()
     assert all(json.dumps(loss).encode() in data for loss in _losses(tmp_path / "w").values())
     assert b"images_per_s" in data and b"peak_mem_gb" in data
+
+
+def test_data_position_converts_between_process_splits():
+    from nanogen.errors import UserError
+    from nanogen.train import data_position
+
+    state = {"loader": {"epoch": 2, "batch": 6}, "data_layout": {"processes": 1, "micro_batch": 4}}  # 24 samples in
+    assert data_position(state, 2, 4, object()) == {"epoch": 2, "batch": 3}
+    assert data_position(state, 3, 2, object()) == {"epoch": 2, "batch": 4}
+    assert data_position({"loader": {"epoch": 0, "batch": 5}}, 8, 16, object()) == {"epoch": 0, "batch": 5}  # no layout
+    with pytest.raises(UserError, match="24 samples .* not a whole number of batches for 2 processes x micro batch 8"):
+        data_position(state, 2, 8, object())

@@ -231,6 +231,8 @@ def test_stage1_config_errors(capsys, tmp_path):
     one_line_error(capsys, ["train-stage1", "-c", NANO, "gan.loss.disc_weight=-1"], "gan.loss.disc_weight")
     one_line_error(capsys, ["train-stage1", "-c", NANO, "stage_1.params.kl_wieght=1"], "kl_wieght")
     one_line_error(capsys, ["train-stage1", "-c", NANO, "training.grad_accum_steps=2"], "grad_accum_steps")
+    one_line_error(capsys, ["train-stage1", "-c", NANO, "training.activation_checkpointing=true", "training.parallel=fsdp"],
+                   "training.parallel=fsdp, training.activation_checkpointing=True", "drop the setting")  # fmt: skip
     one_line_error(capsys, ["train-stage1", "-c", NANO, *TINY, "gan.loss.disc_weight=0.5",
                             "gan.arch.dino_ckpt_path=/nope/dino.pth", f"run.results_dir={tmp_path}"],
                    "dino_ckpt_path", "disc_weight=0")  # fmt: skip

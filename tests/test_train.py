@@ -108,3 +108,18 @@ def test_reference_lr_schedule():
     assert lr_factor(800 * spe, sch, spe) == pytest.approx(0.1)
     cos = SchedulerConfig(type="cosine", warmup_steps=10, decay_end_steps=110, base_lr=1.0, final_lr=0.0)
     assert lr_factor(0, cos, 1) == pytest.approx(0.1) and lr_factor(60, cos, 1) == pytest.approx(0.5)
+
+
+def test_mfu_peak_table_matches_gpu_names(monkeypatch):
+    """MFU's denominator: datasheet dense peaks (performance.md §1), the more specific names first."""
+    from nanogen import hardware
+
+    cuda = torch.device("cuda", 0)
+    expect = {"NVIDIA H100 80GB HBM3": (989.4, 494.7), "NVIDIA H100 PCIe": (756.0, 378.0), "NVIDIA H100 NVL": (835.0, 417.5),
+              "NVIDIA H200": (989.4, 494.7), "NVIDIA A100-SXM4-80GB": (312.0, 156.0), "NVIDIA A10G": (70.0, 35.0),
+              "NVIDIA GeForce GTX 1080": (None, None)}  # fmt: skip
+    for name, (bf16, tf32) in expect.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        got = hardware.peak_flops(cuda, True), hardware.peak_flops(cuda, False)
+        assert got == ((bf16 * 1e12, tf32 * 1e12) if bf16 else (None, None)), name
+    assert hardware.peak_flops(torch.device("cpu"), True) is None

@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
         parallel.load_optimizer_state_dict(net, opt, state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
+        loader.load_state_dict(data_position(state, info.world_size, micro, loader))
         if state.get("objective") is not None:
             objective.set_extra_state(state["objective"])  # e.g. MeanFlow's FM/MF branch schedule
         step = int(state["step"])
@@ -213,7 +214,8 @@ def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
             payload = {
                 "step": step, "epoch": step // steps_per_epoch, "model": weights, "ema": ema_weights,
                 "optimizer": optimizer, "scheduler": sched.state_dict() if sched else None,
-                "loader": loader.state_dict(), "config": dump_yaml(cfg), "objective": _extra_state(objective),
+                "loader": loader.state_dict(), "data_layout": {"processes": info.world_size, "micro_batch": micro},
+                "config": dump_yaml(cfg), "objective": _extra_state(objective),
                 "skipped_steps": stepper.skipped,
             }
             ckpt.save(run_dir / "checkpoints" / f"step-{step:07d}.pt", payload)
@@ -518,6 +520,29 @@ def _extra_state(objective: torch.nn.Module) -> Any:
     if type(objective).get_extra_state is torch.nn.Module.get_extra_state:
         return None
     return objective.get_extra_state()
+
+
+def data_position(state: dict[str, Any], world: int, micro: int, loader: Any) -> dict[str, int]:
+    """The loader position to resume at. Each process counts its own batches, so a checkpoint written with
+    another number of processes or another micro batch (same global batch, other split) is converted through
+    the number of samples consumed in the epoch: the resumed run reads exactly the samples the old one would have."""
+    pos = dict(state["loader"])
+    layout = state.get("data_layout")
+    if not layout or (layout["processes"], layout["micro_batch"]) == (world, micro):
+        return pos
+    consumed = int(pos["batch"]) * int(layout["processes"]) * int(layout["micro_batch"])
+    if consumed % (world * micro):
+        raise UserError(
+            f"the checkpoint stopped after {consumed} samples of its epoch ({layout['processes']} processes x micro batch "
+            f"{layout['micro_batch']}), which is not a whole number of batches for {world} processes x micro batch {micro}; "
+            f"resume with the checkpoint's split (training.global_batch_size / grad_accum_steps) or from an epoch boundary"
+        )
+    if type(loader).__name__ == "StreamLoader":
+        warnings.warn("streaming data resumed with another process count: the position is kept, the sample order differs", stacklevel=2)
+    pos["batch"] = consumed // (world * micro)
+    print0(f"data position converted: {layout['processes']} x {layout['micro_batch']} -> {world} x {micro} per batch, "
+           f"{consumed} samples into epoch {pos['epoch']}")  # fmt: skip
+    return pos
 
 
 def micro_batch(cfg: Stage2Config | Stage1Config, world: int) -> int:

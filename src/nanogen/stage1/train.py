@@ -187,8 +187,13 @@ def train_stage1(cfg: Stage1Config, accept_changes: bool = False) -> Stage1Resul
     )
 
     tc, gl = cfg.training, cfg.gan.loss
-    unsupported = [f"training.{k}={v}" for k, v in (("parallel", tc.parallel), ("activation_checkpointing", tc.activation_checkpointing),
-                   ("grad_accum_steps", tc.grad_accum_steps)) if v not in ("ddp", False, 1)]  # fmt: skip
+    unsupported = [
+        f"training.{k}={v}"
+        for k, v, ok in (("parallel", tc.parallel, tc.parallel == "ddp"),
+                         ("activation_checkpointing", tc.activation_checkpointing, not tc.activation_checkpointing),
+                         ("grad_accum_steps", tc.grad_accum_steps, tc.grad_accum_steps == 1))
+        if not ok
+    ]  # fmt: skip
     if unsupported:
         raise NotAvailableError(
             f"{', '.join(unsupported)}: stage-1 training runs DDP without gradient accumulation or activation "
