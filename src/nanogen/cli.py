@@ -556,7 +556,6 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_report(args: argparse.Namespace) -> int:
     import json
     import warnings
@@ -594,6 +593,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(board + "\n" + corr)
         print(f"wrote {out}/leaderboard.md, correlations.md, leaderboard.html and {len(plots)} scatter plot(s)")
     return 0
+
 
 # ----------------------------------------------------------------------------------------------------------
 
