@@ -120,13 +120,23 @@ def broadcast_object(obj: object) -> object:
     return box[0]
 
 
+def _ddp(module: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP without per-forward buffer broadcasts (buffers are fixed tables, identical on every rank after
+    ``broadcast_module``); torch >= 2.15 names that ``forward_sync_buffers``, older releases ``broadcast_buffers``."""
+    import inspect
+
+    kwargs: dict[str, Any] = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+    return nn.parallel.DistributedDataParallel(module, **kwargs)
+
+
 def wrap_for_training(objective: nn.Module, info: DistInfo, compile: bool) -> nn.Module:
     """Stage 1: DDP over the loss module, then optionally torch.compile of the whole of it. (Stage 2 uses
     ``prepare_training``: per-block compile, activation checkpointing, DDP or FSDP2.)"""
     wrapped: nn.Module = objective
     if info.enabled:
-        kwargs = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
-        wrapped = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False, **kwargs)
+        wrapped = _ddp(objective, info)
     if compile:
         wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     return wrapped
@@ -197,8 +207,7 @@ def prepare_training(
             _fsdp(ema_net, info, bf16=False)
         return objective
     if info.enabled:
-        kwargs = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
-        return nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False, **kwargs)
+        return _ddp(objective, info)
     return objective
 
 
