@@ -7,44 +7,29 @@ them from the layout (``nanogen.models.layers.Rope2D``). ``convert`` writes such
 dict, or a ``.safetensors`` file) as a nanogen checkpoint.
 
 A training checkpoint is one ``torch.save`` dict with the reference's keys (``step``, ``epoch``, ``model``,
-``ema``, ``optimizer``, ``scheduler``) plus what an exact resume needs: the data position (``loader``),
-every RNG state (``rng``) and the resolved config (``config``). Files are written to a temporary name and
-renamed, so a crash mid-save never leaves a truncated checkpoint behind. Only the newest ``keep``
-checkpoints are kept.
+``ema``, ``optimizer``, ``scheduler``) plus what an exact resume needs: the data position (``loader``) and
+the split it was counted in (``data_layout``), and the resolved config (``config``). No RNG state is needed:
+the training noise is seeded per (step, sample slot) (``train.slot_seed``). The optimizer state is keyed by
+parameter name, so the file resumes under one process, DDP or FSDP2. Files are written to a temporary name and
+renamed, so a crash mid-save never leaves a truncated checkpoint behind; a damaged one (another filesystem,
+a full disk) is skipped on resume. Retention keeps the newest ``keep`` plus milestones.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from nanogen.errors import CheckpointError
 
 CKPT_RE = re.compile(r"step-(\d+)\.pt$")
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save(path: Path, payload: Any) -> Path:

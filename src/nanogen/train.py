@@ -7,7 +7,7 @@ steps the optimizer and keeps the run directory up to date:
     <run.results_dir>/<run.name>/
         config.yaml        the resolved config (exactly what ran; loads back with --config)
         metrics.jsonl      one JSON object per log line / evaluation
-        checkpoints/       step-XXXXXXX.pt (model, ema, optimizer, scheduler, data position, RNG)
+        checkpoints/       step-XXXXXXX.pt (model, ema, optimizer, scheduler, data position and layout, config)
         samples.png        latest EMA sample grid (one row per class); samples/ keeps the history
         loss.png           the loss curve
 
@@ -557,14 +557,6 @@ def micro_batch(cfg: Stage2Config | Stage1Config, world: int) -> int:
             f"= {world} x {tc.grad_accum_steps}; change one of them"
         )
     return tc.global_batch_size // denom
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def _wandb(cfg: Stage2Config, run_dir: Path, info: parallel.DistInfo) -> Any:

@@ -13,7 +13,7 @@ reference. ``gan.loss.disc_weight: 0`` trains without a discriminator (nothing i
     <run.results_dir>/<run.name>/
         config.yaml, metrics.jsonl, loss.png
         checkpoints/    step-XXXXXXX.pt: trainable weights, EMA, discriminator, both optimizers and schedules,
-                        data position, RNG: a resumed run continues where it stopped
+                        data position (noise is seeded per step): a resumed run continues exactly where it stopped
         recon.png       top row: held-out images; bottom row: their EMA reconstructions (latest)
         export/         the EMA tokenizer for stage 2 (RAE: decoder.pt; KL-VAE: a diffusers directory with the
                         latent shift / scale of the training images in its config)
