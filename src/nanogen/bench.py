@@ -121,10 +121,10 @@ class PreEncoded:
         return cond
 
     def null(self, batch: int, device: torch.device):
-        from nanogen.conditioning import Cond
+        from nanogen.conditioning import Cond, LabelConditioner
 
         if not self.text:
-            return Cond(torch.full((batch,), self.num_classes, dtype=torch.long, device=device))
+            return LabelConditioner(self.num_classes).null(batch, device)
         mask = torch.zeros(batch, self.shape[0], dtype=torch.bool, device=device)
         mask[:, 0] = True
         return Cond(torch.zeros(batch, *self.shape, device=device), mask)

@@ -131,6 +131,28 @@ def refuse_other_config(state: dict[str, Any] | None, cfg: Any, run_dir: Path, a
         )
 
 
+def resume_point(run_dir: Path, cfg: Any, accept_changes: bool = False) -> tuple[Path | None, dict[str, Any] | None]:
+    """Where a training run continues (shared by the stage-1 and stage-2 loops): the newest readable checkpoint
+    of ``run_dir`` and its contents, or (None, None) for a fresh run. Refuses a directory that holds checkpoints
+    when ``run.resume`` is false, and one of another config unless ``accept_changes`` (``--resume``)."""
+    from nanogen.errors import UserError
+
+    ckpt_dir = run_dir / "checkpoints"
+    if not cfg.run.resume:
+        existing = latest(ckpt_dir)
+        if existing is not None:
+            raise UserError(
+                f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); choose a new "
+                f"run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
+            )
+        return None, None
+    found = newest_readable(ckpt_dir)  # skips a damaged newest file with a warning
+    if found is None:
+        return None, None
+    refuse_other_config(found[1], cfg, run_dir, accept_changes)
+    return found
+
+
 def move_aside(run_dir: Path) -> Path:
     """--overwrite: the old run is renamed, never deleted (a mistyped run name must not cost a week)."""
     dest = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")

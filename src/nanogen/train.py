@@ -140,14 +140,7 @@ def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
         if cfg.eval is not None and cfg.eval.datasets:
             ensure_writable(eval_dir(cfg, run_dir), "eval directory", "eval.eval_dir=PATH")
     parallel.barrier()
-    found = ckpt.newest_readable(run_dir / "checkpoints") if cfg.run.resume else None
-    existing, state = found if found is not None else (ckpt.latest(run_dir / "checkpoints"), None)
-    if existing is not None and not cfg.run.resume:
-        raise UserError(
-            f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
-            f"choose a new run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
-        )
-    ckpt.refuse_other_config(state, cfg, run_dir, accept_changes)
+    existing, state = ckpt.resume_point(run_dir, cfg, accept_changes)
 
     # ---- data ----
     pre_encoded = cfg.dataset.latents_dir is not None  # shards from `nanogen extract-latents`: no encoder in the loop

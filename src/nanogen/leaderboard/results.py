@@ -346,22 +346,30 @@ def load_jsonl(path: Path) -> list[Result]:
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise Malformed(f"not JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, dict) and "method" not in obj and "config" in obj and "step" in obj:
-                records = eval_results(obj)
-            else:
-                records = [parse_record(obj)]
-        except Malformed as e:
-            _warn(path, i, str(e))
-            continue
-        for r in records:
-            r.source = f"{path}:{i}"
-        out += records
+        out += _records(path, i, lambda line=line: _parse_jsonl_line(line))
     return out
+
+
+def _parse_jsonl_line(line: str) -> list[Result]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise Malformed(f"not JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, dict) and "method" not in obj and "config" in obj and "step" in obj:
+        return eval_results(obj)
+    return [parse_record(obj)]
+
+
+def _records(path: Path, line: int, parse) -> list[Result]:
+    """The results of one line, tagged with ``file:line``; a malformed line warns (naming both) and gives none."""
+    try:
+        records = parse()
+    except Malformed as e:
+        _warn(path, line, str(e))
+        return []
+    for r in records:
+        r.source = f"{path}:{line}"
+    return records
 
 
 def load_eval_csv(path: Path) -> list[Result]:
@@ -374,18 +382,14 @@ def load_eval_csv(path: Path) -> list[Result]:
         raise UserError(f"{path}: not a nanogen eval CSV (its header needs the columns step and config; got "
                         f"{', '.join(fields[:6]) or 'nothing'})")  # fmt: skip
     for row in reader:
-        line = reader.line_num
-        try:
-            if None in row:
-                raise Malformed(f"{len(fields) + len(row[None])} fields where the header has {len(fields)}")
-            records = eval_results(row)
-        except Malformed as e:
-            _warn(path, line, str(e))
-            continue
-        for r in records:
-            r.source = f"{path}:{line}"
-        out += records
+        out += _records(path, reader.line_num, lambda row=row: _parse_csv_row(row, fields))
     return out
+
+
+def _parse_csv_row(row: dict, fields: list[str]) -> list[Result]:
+    if None in row:
+        raise Malformed(f"{len(fields) + len(row[None])} fields where the header has {len(fields)}")
+    return eval_results(row)
 
 
 def _read(path: Path) -> str:

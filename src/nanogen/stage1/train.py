@@ -210,14 +210,7 @@ def train_stage1(cfg: Stage1Config, accept_changes: bool = False) -> Stage1Resul
     if info.is_main:
         ensure_writable(run_dir, "results directory", "run.results_dir=PATH")
     parallel.barrier()
-    found = ckpt.newest_readable(run_dir / "checkpoints") if cfg.run.resume else None  # skips a damaged newest file
-    existing, state = found if found is not None else (ckpt.latest(run_dir / "checkpoints"), None)
-    if existing is not None and not cfg.run.resume:
-        raise UserError(
-            f"run.resume=false but '{run_dir}' already holds checkpoints (newest: {existing.name}); "
-            f"choose a new run.name, drop run.resume=false to continue that run, or pass --overwrite to move it aside"
-        )
-    ckpt.refuse_other_config(state, cfg, run_dir, accept_changes)
+    existing, state = ckpt.resume_point(run_dir, cfg, accept_changes)
 
     # ---- model, losses, discriminator (everything that can fail to load fails here, before training) ----
     torch.manual_seed(tc.global_seed)
