@@ -235,10 +235,11 @@ function render(){
       const gx = x===null||x===undefined, gy = y===null||y===undefined;
       if(gx!==gy) return gx ? 1 : -1; if(!gx && x!==y) return s*(x-y); return a.method.localeCompare(b.method); }); }
   const thead = document.querySelector('#leaderboard thead'), tbody = document.querySelector('#leaderboard tbody');
-  let h = '<tr><th>#</th><th class="m">Method</th><th class="c">Category</th>';
-  for(const m of ax.metrics) h += '<th data-metric="'+m.key+'"'+(metric&&m.key===metric.key?' class="sel"':'')+'>'
-    + m.label + (m.better==='lower' ? ' \u2193' : ' \u2191') + '</th>';
-  thead.innerHTML = h + '</tr>';
+  const hr = document.createElement('tr'); hr.innerHTML = '<th>#</th><th class="m">Method</th><th class="c">Category</th>';
+  for(const m of ax.metrics){  // metric names come from the results files: text and dataset, never markup
+    const th = document.createElement('th'); th.dataset.metric = m.key; if(metric&&m.key===metric.key) th.className = 'sel';
+    th.textContent = m.label + (m.better==='lower' ? ' \u2193' : ' \u2191'); hr.appendChild(th); }
+  thead.replaceChildren(hr);
   tbody.innerHTML = '';
   rows.forEach((r,i)=>{
     const tr = document.createElement('tr'); tr.dataset.method = r.method;
