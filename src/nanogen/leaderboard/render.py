@@ -204,7 +204,7 @@ th{background:#fafafa;position:sticky;top:0;cursor:pointer}
 td.m,th.m,td.c,th.c{text-align:left}
 th.sel,td.sel{background:#fff4d6;font-weight:600}
 .dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.35rem;vertical-align:middle}
-#status{color:#444;font-size:.9rem}.note{color:#666;font-size:.85rem;max-width:60rem}
+.scroll{overflow-x:auto;max-width:100%}#status{color:#444;font-size:.9rem}.note{color:#666;font-size:.85rem;max-width:60rem}
 .legend span{margin-right:1rem;font-size:.85rem}
 """
 
@@ -308,7 +308,7 @@ def leaderboard_html(results: list[Result], reports: list[Report], modes: tuple[
 </div>
 <p id="status"></p>
 <div class="legend">{legend}</div>
-<table id="leaderboard"><thead></thead><tbody></tbody></table>
+<div class="scroll"><table id="leaderboard"><thead></thead><tbody></tbody></table></div>
 <p class="note">{html.escape(NOT_STATED_NOTE)}</p>
 <h2>ImageNet vs text-to-image: rank correlations</h2>
 <p class="note">{html.escape(SIGN_NOTE.replace("*", ""))}</p>
