@@ -556,12 +556,19 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    import json
-    import warnings
-    from pathlib import Path
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nanogen.leaderboard.suite import run_suite
 
-    from nanogen.leaderboard import correlation, render, results
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bench --seeds: expected comma-separated integers like 0,1,2, got '{args.seeds}'") from None
+    return run_suite(args.suite, args.out, methods=args.methods, axes=args.axes, seeds=seeds, steps=args.steps,
+                     overrides=args.overrides, dry_run=args.dry_run, report=not args.no_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nanogen.leaderboard.report import write_report
 
     if args.no_paper and not args.results:
         raise UserError("report: --no-paper leaves nothing to report; give RESULTS files or folders")
@@ -569,29 +576,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if subset is not None and "," in subset:
         subset = [s for s in subset.split(",") if s.strip()]
     modes = ("with", "without") if args.guidance == "both" else (args.guidance,)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # every malformed line is reported, not only the first of a kind
-        res = results.load(args.results, paper=not args.no_paper)
-    for w in caught:
-        print(f"nanogen: warning: {w.message}", file=sys.stderr)
-    reports = [correlation.correlate(res, subset or "all", mode) for mode in modes]
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"report: cannot create --out '{out}': {e.strerror}") from None
-    board, corr = render.leaderboard_markdown(res, modes), render.correlation_markdown(reports)
-    (out / "leaderboard.md").write_text(board, encoding="utf-8")
-    (out / "correlations.md").write_text(corr, encoding="utf-8")
-    (out / "leaderboard.html").write_text(render.leaderboard_html(res, reports, modes), encoding="utf-8")
-    plots = render.scatter_plots(res, out, modes)
-    if args.json:
-        doc = render.report_dict(res, reports, modes)
-        doc["files"] = [str(out / n) for n in ("leaderboard.md", "correlations.md", "leaderboard.html")] + [str(p) for p in plots]
-        print(json.dumps(doc, indent=1, ensure_ascii=False))
-    else:
-        print(board + "\n" + corr)
-        print(f"wrote {out}/leaderboard.md, correlations.md, leaderboard.html and {len(plots)} scatter plot(s)")
+    write_report(args.results, args.out, paper=not args.no_paper, subset=subset, modes=modes, as_json=args.json)
     return 0
 
 
@@ -911,6 +896,40 @@ def make_parser() -> Parser:
             "Lists the built-in configs (the reference's zoo under the same names, plus the nano tier).\n\n"
             "examples:\n  nanogen configs\n  nanogen configs imagenet rae     only paths containing every word")
     p.add_argument("filter", nargs="*", metavar="WORD", help="only paths containing every WORD")
+    p = add("bench", cmd_bench, "DiffusionBench nano suite: train and score every method family on both nano axes (~1 h on 2 CPU cores)",
+            "Trains each method family on both nano axes with the same budget per run and scores it: the\n"
+            "class-conditional digits (task nano, FID against held-out digits) and the compositional T2I digits\n"
+            "(task nano-t2i, nano GenEval). Families: pixel space with v-prediction (PixNerd-style) and with\n"
+            "x-prediction (JiT-style), the nano VAE latent space, an RAE latent space (a small ViT encoder trained here\n"
+            "on the digits + a ViT decoder trained by train-stage1), REG on that RAE, and MeanFlow sampled with 1 and 2\n"
+            "steps. Their configs are configs/bench/nano/*.yaml (each `task: nano`; the T2I run is the same file with\n"
+            "task=nano-t2i). Every run is evaluated with and without classifier-free guidance (MeanFlow: distilled CFG).\n\n"
+            "Everything goes to --out: stage1/ (the latent spaces, trained once on both tiers' images), runs/<axis>/\n"
+            "(one training run per method), results.jsonl (the results store: one record per method, axis, guidance\n"
+            "and seed), samples-<axis>.png (one row of samples per method, same noise and conditions) and report/\n"
+            "(what `nanogen report` writes: leaderboards, correlations, HTML page, scatter plots).\n\n"
+            "Interrupted (Ctrl-C, a crash, a reboot)? Run the same command again: finished jobs are skipped, training\n"
+            "resumes from its last checkpoint (every 100 steps) and evaluation reuses its finished sample shards.\n"
+            "A directory holds one budget: other --steps or overrides need another --out.\n\n"
+            "examples:\n"
+            "  nanogen bench --suite nano --dry-run                 the job list, what is done, the time estimate\n"
+            "  nanogen bench --suite nano                           the whole suite (about an hour on 2 CPU cores)\n"
+            "  nanogen bench --suite nano --methods jit-xpred,meanflow --axes t2i\n"
+            "  nanogen bench --suite nano --seeds 0,1,2 --out results/bench-nano-3seeds\n"
+            "  nanogen bench --suite nano --steps 2000 --out results/bench-nano-2k training.batch_size=64\n"
+            "  nanogen report results/bench-nano --no-paper           the report again (or next to the paper: drop --no-paper)")
+    p.add_argument("--suite", default="nano", choices=["nano"], help="the suite to run (default: nano)")
+    p.add_argument("--methods", default=None, metavar="A,B",
+                   help="method families to run (default: all): pixnerd-vpred, jit-xpred, nano-vae, rae-nano, rae-nano-reg, meanflow")
+    p.add_argument("--axes", default=None, metavar="AXES", help="imagenet, t2i or imagenet,t2i (default: both)")
+    p.add_argument("--seeds", default="0", metavar="S,S", help="training and sampling seeds, comma-separated (default: 0)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps per run (default: the suite's budget, 400)")
+    p.add_argument("--out", default="results/bench-nano", metavar="DIR", help="suite directory (default: results/bench-nano)")
+    p.add_argument("--dry-run", action="store_true", help="print the job list with what is done and the time estimate, run nothing")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides applied to every stage-2 run, e.g. training.batch_size=64 (part of the suite's identity)")
+
     p = add("report", cmd_report, "the DiffusionBench leaderboard and ImageNet-vs-T2I rank correlations from results files",
             "Reads benchmark results and writes the DiffusionBench report into --out: leaderboard.md (one table per\n"
             "axis, with and without classifier-free guidance), correlations.md (Pearson, Spearman and Kendall tau-b\n"
