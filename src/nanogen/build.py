@@ -177,16 +177,28 @@ def build_objective(cfg: Stage2Config, net: nn.Module, frozen: Frozen | None = N
 
 
 def load_train_images(cfg: Stage2Config | Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], labels) of the in-memory built-in digits (stage 2 streams every other dataset through
-    ``data.build_train_loader``; stage 1, compute-stats and extract-latents read only these)."""
+    """(images in [-1, 1], labels) of the in-memory built-in digits, or of ``nano-mix`` (stage 1 only; scenes have
+    label -1). Stage 2 streams every other dataset through ``data.build_train_loader``; stage 1, compute-stats and
+    extract-latents read only these."""
+    split = cfg.dataset.split if isinstance(cfg.dataset.split, str) else cfg.dataset.split[0]
     if cfg.dataset.type == "builtin" and cfg.dataset.target == "mnist":
         from nanogen.data.nano import load_nano
 
-        split = cfg.dataset.split if isinstance(cfg.dataset.split, str) else cfg.dataset.split[0]
         ds = load_nano(split, cfg.training.image_size)
         return ds.images, ds.labels
+    if cfg.dataset.type == "builtin" and cfg.dataset.target == "nano-mix":  # both nano tiers' images, stage 1 only
+        from nanogen.data import check_kind
+        from nanogen.data.nano_mix import load_nano_mix
+
+        if isinstance(cfg, Stage2Config):
+            check_kind(cfg)  # refuses it in one line
+        ds = load_nano_mix(split, cfg.training.image_size, cfg.dataset.seed)
+        return ds.images, ds.labels
     if cfg.dataset.type == "builtin":
-        raise UserError(f"dataset.target: unknown built-in dataset '{cfg.dataset.target}'; the built-in one is 'mnist'")
+        raise UserError(
+            f"dataset.target: unknown built-in dataset '{cfg.dataset.target}' here; stage 1, compute-stats and "
+            f"extract-latents read 'mnist' and 'nano-mix'"
+        )
     raise NotAvailableError(
         f"dataset: '{cfg.dataset.target}' ({cfg.dataset.type}) data for stage-1 training, compute-stats and "
         f"extract-latents is not available in this nanogen release yet (stage-2 `nanogen train` reads it); these "

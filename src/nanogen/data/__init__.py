@@ -3,6 +3,7 @@
     dataset.type  target         what                                                     file
     builtin       mnist          the nano tier: real MNIST digits shipped in a wheel     nano.py
     builtin       nano-scenes    the nano T2I tier: captioned scenes of those digits     nano_scenes.py
+    builtin       nano-mix       both nano tiers' images, stage 1 only (tokenizers)       nano_mix.py
     hf            imagenet       ImageNet in the Hugging Face Arrow layout (§7.1)         imagenet.py
     folder        imagenet       raw ImageNet class folders, ADM center crop              imagenet.py
     folder        (any name)     your own images + captions.jsonl                        captions.py
@@ -39,6 +40,11 @@ def check_kind(cfg: Any) -> None:
     """The data must give what the model is conditioned on (labels or captions); no file is opened."""
     ds, cond = cfg.dataset, condition_type(cfg)
     if ds.type == "builtin":
+        if ds.target == "nano-mix":
+            raise UserError(
+                "dataset.target: 'nano-mix' holds images only, for stage 1 (nanogen train-stage1, compute-stats, "
+                "train-encoder); a stage-2 run trains on mnist (task=nano) or nano-scenes (task=nano-t2i)"
+            )
         if ds.target not in ("mnist", "nano-scenes"):
             raise UserError(f"dataset.target: unknown built-in dataset '{ds.target}'; the built-in ones are mnist and nano-scenes")
         if (ds.target == "nano-scenes") != (cond == "text"):

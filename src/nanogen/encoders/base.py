@@ -86,6 +86,12 @@ CONVNEXTV2_HUB = {
     "large": ("facebook/convnextv2-large-22k-224", 1536),
 }
 
+# Encoders nanogen trains itself (``nanogen train-encoder``, encoders/nano.py): no hub id; the default source is
+# the export directory that command writes (relative to the working directory, like nano-vae's export).
+NANO_LOCAL = {
+    "s": ("results/nano-encoder", 48),  # nano-vit-s: 32 px, patch 4 -> 8x8 tokens of width 48
+}
+
 # Named in §6.5 but not built here: the reference runs them on code from their upstream repositories (torch.hub
 # facebookresearch/EUPE; the image_encoder.py that google/tipsv2-* ship as remote code), which no installed
 # package provides. (timm 1.0.31 has ports, vit_*_patch16_dinov3_qkvb.eupe_lvd1689m and
@@ -192,6 +198,7 @@ def _available() -> list[str]:
         + [f"{kind}-vit-{s}" for kind, table in PE_KINDS.items() for s in table]
         + ["(pe/spatialpe/langpe: a 'norm' suffix applies ln_post, e.g. pe-vit-lnorm)"]
         + [f"convnextv2-cnn-{s}" for s in CONVNEXTV2_HUB]
+        + [f"nano-vit-{s} (trained by nanogen train-encoder)" for s in NANO_LOCAL]
     )
 
 
@@ -205,7 +212,7 @@ def _pe_size(kind: str, size: str) -> tuple[str, bool]:
 def _hub(kind: str, size: str) -> tuple[str, int] | None:
     """(hub id, width) of a fixed-size encoder, or None."""
     tables = {"dinov2": DINOV2_HUB, "dinov3": DINOV3_HUB, "siglip2": SIGLIP2_HUB, "mae": MAE_HUB,
-              "convnextv2": CONVNEXTV2_HUB, **PE_KINDS}  # fmt: skip
+              "convnextv2": CONVNEXTV2_HUB, "nano": NANO_LOCAL, **PE_KINDS}  # fmt: skip
     return tables.get(kind, {}).get(_pe_size(kind, size)[0])
 
 
@@ -261,7 +268,8 @@ def build_encoder(
     name: str, source: str | None = None, resolution: int = 256, *, strip_affine: bool = False
 ) -> RepresentationEncoder:
     """A frozen encoder by name. ``source``: a local directory or a hub id (default: the env var
-    ``NANOGEN_ENCODER_<NAME>``, else the public hub id). Offline and not cached: one clear error.
+    ``NANOGEN_ENCODER_<NAME>``, else the public hub id; ``nano-vit-s``: the ``nanogen train-encoder`` export
+    directory, default ``results/nano-encoder``). Offline and not cached: one clear error.
     Perception Encoder sources may also be a single weight file (timm's or the original ``PE-*.pt``).
 
     ``strip_affine`` (``siglip2`` only): drop the learned affine of SigLIP's final LayerNorm, the reference's
@@ -271,6 +279,10 @@ def build_encoder(
     if strip_affine and kind != "siglip2":
         raise ConfigError(f"strip_affine applies to siglip2 encoders only, not '{name}'")
     source = source or os.environ.get(env_key(name)) or default
+    if kind == "nano":  # our own export directory; fixed 32-px input whatever the resolution
+        from nanogen.encoders.nano import load_nano_encoder
+
+        return load_nano_encoder(name, source)
     if kind in PE_KINDS:
         from nanogen.encoders.pe import PerceptionEncoder, load_pe
 

@@ -87,9 +87,12 @@ class ViTDecoderConfig:
         return self.grid_size**2
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike, encoder_dim: int, num_tokens: int) -> ViTDecoderConfig:
+    def from_json(
+        cls, path: str | os.PathLike, encoder_dim: int, num_tokens: int, patch_size: int = DECODER_PATCH_SIZE
+    ) -> ViTDecoderConfig:
         """Read a ``configs/decoder/*/config.json`` and apply §6.3's overrides: ``hidden_size := encoder_dim``,
-        ``patch_size := 16``, ``image_size := 16 * sqrt(num_tokens)``."""
+        ``patch_size := 16``, ``image_size := 16 * sqrt(num_tokens)`` (16: ``patch_size``, the RAE's
+        ``decoder_patch_size``; every shipped RAE uses 16, the nano RAE 4)."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -108,8 +111,8 @@ class ViTDecoderConfig:
             decoder_num_hidden_layers=int(raw["decoder_num_hidden_layers"]),
             decoder_num_attention_heads=int(raw["decoder_num_attention_heads"]),
             decoder_intermediate_size=int(raw["decoder_intermediate_size"]),
-            patch_size=DECODER_PATCH_SIZE,
-            image_size=DECODER_PATCH_SIZE * side,
+            patch_size=int(patch_size),
+            image_size=int(patch_size) * side,
             num_channels=int(raw.get("num_channels", 3)),
             layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),
             hidden_act=str(raw.get("hidden_act", "gelu")),
@@ -212,7 +215,7 @@ def unpatchify(x: Tensor, patch_size: int, channels: int = 3) -> Tensor:
 
 
 class RAEDecoder(nn.Module):
-    """ViT-MAE-style pixel decoder (§6.3): latent tokens (B, N, C_enc) -> images (B, 3, 16*g, 16*g) in the
+    """ViT-MAE-style pixel decoder (§6.3): latent tokens (B, N, C_enc) -> images (B, 3, p*g, p*g) in the
     reference's [0, 1] range (not clamped)."""
 
     def __init__(self, cfg: ViTDecoderConfig):
@@ -297,7 +300,7 @@ class RAE(nn.Module):
     ``encode(images in [0, 1]) -> (B, C, g, g)``; ``decode(latents) -> images`` in [0, 1] nominal range (no clamp).
     ``encoder``: a frozen module returning ``EncoderFeatures`` (``build_encoder``) with an ``embed_dim``.
     ``decoder``: an ``RAEDecoder`` or a decoder config JSON path (built for ``encoder.embed_dim`` and
-    ``(resolution/16)**2`` tokens).
+    ``(resolution/p)**2`` tokens, ``p = decoder_patch_size``: 16 as in the reference, 4 for the 32-px nano RAE).
     """
 
     def __init__(
@@ -309,20 +312,21 @@ class RAE(nn.Module):
         stats_path: str | os.PathLike | None = None,
         eps: float = 1e-5,
         pretrained_decoder_path: str | os.PathLike | None = None,
+        decoder_patch_size: int = DECODER_PATCH_SIZE,
     ):
         super().__init__()
-        if resolution % DECODER_PATCH_SIZE:
-            raise ConfigError(f"RAE resolution {resolution} must be a multiple of {DECODER_PATCH_SIZE}")
+        p = int(decoder_patch_size)
+        if p < 1 or resolution % p:
+            raise ConfigError(f"RAE resolution {resolution} must be a multiple of the decoder patch size {p}")
         self.encoder = encoder
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
+        self.encoder.requires_grad_(False)
         self.resolution = resolution
-        self.grid = resolution // DECODER_PATCH_SIZE
+        self.grid = resolution // p
         self.num_tokens = self.grid**2  # base_patches: 256 tokens at 256 px whatever the encoder's patch size
         self.latent_dim = self.hidden_size = int(encoder.embed_dim)
-        self.patch_size = DECODER_PATCH_SIZE  # the downsample factor
+        self.patch_size = p  # the downsample factor
         if not isinstance(decoder, RAEDecoder):
-            decoder = RAEDecoder(ViTDecoderConfig.from_json(decoder, self.latent_dim, self.num_tokens))
+            decoder = RAEDecoder(ViTDecoderConfig.from_json(decoder, self.latent_dim, self.num_tokens, p))
         if decoder.config.hidden_size != self.latent_dim:
             raise ConfigError(
                 f"RAE decoder takes {decoder.config.hidden_size}-dim latents but the encoder gives {self.latent_dim}"
@@ -414,7 +418,7 @@ class RAE(nn.Module):
         return self._normalize(self._to_grid(z))
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, C, g, g) -> images (B, 3, 16g, 16g) in [0, 1] nominal range (not clamped)."""
+        """Latents (B, C, g, g) -> images (B, 3, p*g, p*g) in [0, 1] nominal range (not clamped); p = ``patch_size``."""
         z = self._denormalize(latents.float())
         tokens = z.flatten(2).transpose(1, 2)  # (B, g*g, C), row-major
         return self.decoder(tokens)
@@ -432,12 +436,15 @@ def build_rae(
     pretrained_decoder_path: str | os.PathLike | None = None,
     encoder_source: str | None = None,
     eps: float = 1e-5,
+    decoder_patch_size: int = DECODER_PATCH_SIZE,
 ) -> RAE:
     """An RAE from an encoder name (``build_encoder``) and a decoder config JSON."""
     from nanogen.encoders.base import build_encoder
 
     encoder = build_encoder(encoder_name, encoder_source, resolution)
-    return RAE(encoder, decoder_config_path, resolution, noise_tau, stats_path, eps, pretrained_decoder_path)
+    return RAE(
+        encoder, decoder_config_path, resolution, noise_tau, stats_path, eps, pretrained_decoder_path, decoder_patch_size
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -451,22 +458,28 @@ class RAEParams:
     encoder_name: str = "dinov2-vit-b"
     resolution: int = 256
     decoder_config_path: str = "configs/decoder/ViTXL/config.json"
-    decoder_patch_size: int = 16
+    decoder_patch_size: int = 16  # the decoder's patch = the latent grid's downsample factor (nano: 4)
     pretrained_decoder_path: str | None = None
     noise_tau: float = 0.8  # train-time noise augmentation (stage-1 configs 0.8; stage-2 configs 0)
     normalization_stat_path: str | None = None
     eps: float = 1e-5
 
     def check(self) -> None:
-        """Config-time checks (no weights touched): a known encoder name, a 16-multiple resolution."""
+        """Config-time checks (no weights touched): a known encoder name, a resolution that is a multiple of
+        ``decoder_patch_size``."""
         from nanogen.encoders.base import default_source
 
         try:
             default_source(self.encoder_name)  # unknown names: one line listing the valid ones
         except UserError as e:
             raise type(e)(f"stage_1.params.encoder_name: {e}") from None
-        if self.resolution % DECODER_PATCH_SIZE:
-            raise ConfigError(f"stage_1.params.resolution: must be a multiple of {DECODER_PATCH_SIZE}, got {self.resolution}")
+        if self.decoder_patch_size < 1:
+            raise ConfigError(f"stage_1.params.decoder_patch_size: must be >= 1 (the reference's RAEs use 16), got {self.decoder_patch_size}")
+        if self.resolution % self.decoder_patch_size:
+            raise ConfigError(
+                f"stage_1.params.resolution: must be a multiple of decoder_patch_size {self.decoder_patch_size}, "
+                f"got {self.resolution}"
+            )
 
 
 def _builtin_path(path: str) -> str:
@@ -481,10 +494,8 @@ def _builtin_path(path: str) -> str:
 
 
 def from_params(params: RAEParams, weights: dict[str, str] | None = None) -> RAE:
-    if params.decoder_patch_size != 16:
-        raise ConfigError(f"stage_1.params.decoder_patch_size: the RAE decoder uses patch 16 (§6.3), got {params.decoder_patch_size}")
     return build_rae(
         params.encoder_name, _builtin_path(params.decoder_config_path), params.resolution, params.noise_tau,
         params.normalization_stat_path, params.pretrained_decoder_path, (weights or {}).get(params.encoder_name),
-        params.eps,
+        params.eps, params.decoder_patch_size,
     )  # fmt: skip

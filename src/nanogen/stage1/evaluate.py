@@ -41,10 +41,12 @@ def check_stage1_metrics(datasets: dict[str, EvalDatasetConfig]) -> None:
 
 def _check_source(name: str, ds: EvalDatasetConfig) -> None:
     target = ds.target or name
-    if ds.type == "builtin" and target == "mnist":
+    if ds.type == "builtin" and target in ("mnist", "nano-mix"):
         return
     if ds.type == "builtin":
-        raise UserError(f"eval.datasets.{name}: unknown built-in data set '{target}'; the built-in one is 'mnist'")
+        raise UserError(
+            f"eval.datasets.{name}: unknown built-in data set '{target}'; the built-in ones are 'mnist' and 'nano-mix'"
+        )
     raise NotAvailableError(
         f"eval.datasets.{name}: '{target}' ({ds.type}) data is not available in this nanogen release yet; the "
         f"built-in digits work (eval.datasets.mnist: {{type: builtin, split: heldout}})"
@@ -54,9 +56,14 @@ def _check_source(name: str, ds: EvalDatasetConfig) -> None:
 def load_eval_images(name: str, ds: EvalDatasetConfig, image_size: int, limit: int | None = None) -> Tensor:
     """Images (N, 3, S, S) in [0, 1] of an evaluation data set, the first ``limit`` (default: ``num_samples``)."""
     _check_source(name, ds)
-    from nanogen.data.nano import load_nano
+    if (ds.target or name) == "nano-mix":
+        from nanogen.data.nano_mix import load_nano_mix
 
-    images = (load_nano(ds.split, image_size).images + 1) / 2
+        images = (load_nano_mix(ds.split, image_size).images + 1) / 2  # digits and scenes alternate: any prefix has both
+    else:
+        from nanogen.data.nano import load_nano
+
+        images = (load_nano(ds.split, image_size).images + 1) / 2
     n = min(len(images), limit if limit is not None else ds.num_samples)
     return images[:n]
 
