@@ -3,7 +3,6 @@ round trip, registration), the RAE with decoder patch 4 on it, and REG with its 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -21,9 +20,7 @@ from nanogen.encoders.nano import (
     NanoEncoder,
     NanoViT,
     NanoViTConfig,
-    add_train_encoder_parser,
     patchify,
-    run_train_encoder,
     train_nano_encoder,
 )
 from nanogen.errors import ConfigError, NotAvailableError, UserError
@@ -172,16 +169,21 @@ def test_training_is_deterministic_and_never_replaces_other_files(export, mix_tr
     assert "\n" not in str(e.value) and (tmp_path / "busy" / "notes.txt").read_text() == "keep"
 
 
-def test_train_encoder_command_line():
-    p = argparse.ArgumentParser(prog="nanogen")
-    sub = p.add_subparsers()
-    add_train_encoder_parser(sub)
+def test_train_encoder_command_line(tmp_path, capsys, monkeypatch):
+    import nanogen.encoders.nano as nano
+    from nanogen.cli import cmd_train_encoder, main, make_parser
+
+    p = make_parser()
     a = p.parse_args(["train-encoder", "--steps", "5", "--batch-size", "8", "--seed", "3", "--out", "x"])
-    assert (a.fn, a.steps, a.batch_size, a.seed, a.out) == (run_train_encoder, 5, 8, 3, "x")
+    assert (a.fn, a.steps, a.batch_size, a.seed, a.out) == (cmd_train_encoder, 5, 8, 3, "x")
     d = p.parse_args(["train-encoder"])
-    assert (d.out, d.steps, d.batch_size, d.seed) == ("results/nano-encoder", 800, 16, 0)
-    text = sub.choices["train-encoder"].format_help()
+    assert (d.out, d.steps, d.batch_size, d.seed) == (nano.DEFAULT_OUT, nano.DEFAULT_STEPS, nano.DEFAULT_BATCH, 0)
+    text = p._subparsers._group_actions[0].choices["train-encoder"].format_help()
     assert "configs/stage1/nano/nano-rae.yaml" in text and "repa.target_encoder=nano-vit-s" in text
+    seen = {}
+    monkeypatch.setattr(nano, "train_nano_encoder", lambda out, **k: seen.update(out=out, **k))
+    assert main(["train-encoder", "--steps", "7", "--out", str(tmp_path / "e")]) == 0
+    assert seen == {"out": str(tmp_path / "e"), "steps": 7, "batch_size": nano.DEFAULT_BATCH, "seed": 0}
 
 
 # ---------------------------------------------------------------------------------------------------- RAE

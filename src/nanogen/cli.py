@@ -33,6 +33,27 @@ EPILOG = textwrap.dedent(
 )
 
 
+TRAIN_ENCODER_DESCRIPTION = """\
+Trains nano-vit-s, a small ViT (32x32 input, patch 4 -> 8x8 patch tokens + CLS, width 48, depth 4, 3 heads,
+non-affine final LayerNorm): the frozen representation encoder of the offline nano tier, where DINOv2 weights
+are not at hand. Two losses, on the built-in data only: the CLS token classifies the 4,500 MNIST training
+digits (a semantic CLS for REG), and masked patch modelling on nano-mix (digits + coloured scenes) predicts
+every patch's pixels with 40% of the patches masked (contextual, reconstructable tokens for the RAE).
+Deterministic for a given --steps/--batch-size/--seed; prints the held-out CLS accuracy and masked-patch loss.
+
+Writes DIR/model.safetensors (the encoder only) and DIR/config.json (architecture, training, held-out
+numbers) in one atomic rename. build_encoder('nano-vit-s') reads results/nano-encoder by default; elsewhere, point
+misc.weights.nano-vit-s=DIR (or $NANOGEN_ENCODER_NANO_VIT_S) at it.
+
+use it:
+  nanogen train-encoder                                          -> results/nano-encoder
+  nanogen train-stage1 -c configs/stage1/nano/nano-rae.yaml       the RAE pixel decoder for its 48x8x8 latents
+  nanogen compute-stats -c configs/stage1/nano/nano-rae.yaml      the latent statistics stage 2 normalises with
+      (stage 2 in that latent space: the component configs/stage2/components/latents/rae-nano.yaml)
+  nanogen train -c CONFIG repa.use_reg=true repa.target_encoder=nano-vit-s   REG with its CLS token (z_dim 48)
+"""
+
+
 class ArgumentError(UserError):
     pass
 
@@ -556,6 +577,13 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from nanogen.encoders.nano import train_nano_encoder
+
+    train_nano_encoder(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nanogen.leaderboard.suite import run_suite
 
@@ -858,6 +886,15 @@ def make_parser() -> Parser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype (default float32: exact)")
     p.add_argument("--num", "--num-images", dest="num", type=int, default=None, metavar="N",
                    help="extract a fixed random subset of N images (default: all; --num-images under torchrun)")
+
+    p = add("train-encoder", cmd_train_encoder, "train nano-vit-s, the nano tier's own representation encoder (RAE latents, REG target), ~70 s on 2 CPU cores",
+            TRAIN_ENCODER_DESCRIPTION)
+    p.add_argument("--out", default="results/nano-encoder", metavar="DIR", help="export directory (default results/nano-encoder)")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps (default 800)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per step for each loss: digits for the CLS loss and as many nano-mix images for the "
+                        "pixel loss (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, batch order and masks (default 0)")
 
     p = add("train-stage1", cmd_train_stage1, "train a stage-1 tokenizer: an RAE decoder, or the nano KL-VAE",
             "Trains with L1 + LPIPS (VGG) + a DINO-discriminator GAN, the adaptive generator weight, DiffAug, EMA\n"

@@ -31,7 +31,6 @@ resized to 32 first (bilinear, antialiased), whatever ``resolution`` the caller 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -47,13 +46,13 @@ from nanogen.encoders.base import EncoderFeatures, RepresentationEncoder
 from nanogen.errors import CheckpointError, NotAvailableError, UserError
 from nanogen.latents.rae import sincos_2d
 
-NAME = "nano-vit-s"
-DEFAULT_OUT = "results/nano-encoder"
 FORMAT = "nanogen-nano-encoder/1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 # Training defaults, sized for the budget of 90 s on 2 CPU cores. At this budget the number of updates, not the
 # batch, limits a ViT on 4,500 digits (800 x 16 reached a higher held-out accuracy than 400 x 32 for the same
 # compute), and random shifts of the digits slowed it down more than they helped generalisation.
+NAME = "nano-vit-s"
+DEFAULT_OUT = "results/nano-encoder"
 DEFAULT_STEPS = 800
 DEFAULT_BATCH = 16  # images per loss per step: 16 digits for the CLS loss + 16 nano-mix images for the pixel loss
 DEFAULT_LR = 2e-3
@@ -383,46 +382,3 @@ def _write_export(out: Path, state: dict[str, Tensor], meta: dict) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-HELP = "train nano-vit-s, the nano tier's own representation encoder (RAE latents, REG target), ~70 s on 2 CPU cores"
-DESCRIPTION = f"""\
-Trains nano-vit-s, a small ViT (32x32 input, patch 4 -> 8x8 patch tokens + CLS, width 48, depth 4, 3 heads,
-non-affine final LayerNorm): the frozen representation encoder of the offline nano tier, where DINOv2 weights
-are not at hand. Two losses, on the built-in data only: the CLS token classifies the 4,500 MNIST training
-digits (a semantic CLS for REG), and masked patch modelling on nano-mix (digits + coloured scenes) predicts
-every patch's pixels with 40% of the patches masked (contextual, reconstructable tokens for the RAE).
-Deterministic for a given --steps/--batch-size/--seed; prints the held-out CLS accuracy and masked-patch loss.
-
-Writes DIR/model.safetensors (the encoder only) and DIR/config.json (architecture, training, held-out
-numbers) in one atomic rename. build_encoder('{NAME}') reads {DEFAULT_OUT} by default; elsewhere, point
-misc.weights.{NAME}=DIR (or $NANOGEN_ENCODER_NANO_VIT_S) at it.
-
-use it:
-  nanogen train-encoder                                          -> {DEFAULT_OUT}
-  nanogen train-stage1 -c configs/stage1/nano/nano-rae.yaml       the RAE pixel decoder for its 48x8x8 latents
-  nanogen compute-stats -c configs/stage1/nano/nano-rae.yaml      the latent statistics stage 2 normalises with
-      (stage 2 in that latent space: the component configs/stage2/components/latents/rae-nano.yaml)
-  nanogen train -c CONFIG repa.use_reg=true repa.target_encoder={NAME}   REG with its CLS token (z_dim 48)
-"""
-
-
-def add_train_encoder_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``train-encoder`` on the CLI's subparsers; the command runs ``run_train_encoder``."""
-    p = subparsers.add_parser("train-encoder", help=HELP, description=DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.set_defaults(fn=run_train_encoder)
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"export directory (default {DEFAULT_OUT})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                   help=f"images per step for each loss: digits for the CLS loss and as many nano-mix images for the "
-                        f"pixel loss (default {DEFAULT_BATCH})")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="initialisation, batch order and masks (default 0)")
-    return p
-
-
-def run_train_encoder(args: argparse.Namespace) -> int:
-    train_nano_encoder(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    return 0

@@ -288,11 +288,11 @@ def run_stage1(job: Stage1Job, layout: Layout) -> dict[str, Any]:
 
     res = train_stage1(cfg)
     record: dict[str, Any] = {"export": str(res.export_dir), "evals": res.evals}
-    if job.key == "nano-rae":
-        from nanogen.latents.extract import compute_stats_for
+    if job.key == "nano-rae":  # §6.4: the per-element statistics of the raw latents, for stage 2's normalisation
+        from nanogen.latents.extract import run_compute_stats
 
         record["decoder"] = str(Path(str(res.export_dir)) / "decoder.pt")
-        record["stats"] = str(compute_stats_for(job.config, overrides))
+        record["stats"] = str(run_compute_stats(job.config, overrides, out=str(out_dir / "stats.pt")))
     return record
 
 
