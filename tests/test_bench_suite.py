@@ -107,7 +107,7 @@ def test_nano_suite_plan_and_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "39 jobs, 39 to run" in text.replace("\n", " ")
     layout = S.Layout(out)
-    jobs = S.plan(S.NANO, layout, list(S.NANO.families), ["imagenet", "t2i"], [0], 400)
+    jobs = S.plan(S.NANO, layout, list(S.NANO.families), ["imagenet", "t2i"], [0], 300)
     assert [j.kind for j in jobs].count("stage1") == 3 and [j.kind for j in jobs].count("train") == 12
     assert {(j.variant.method, j.axis) for j in jobs if j.kind == "eval" and j.variant.method.startswith("MeanFlow")} == {
         ("MeanFlow (NFE=1)", "imagenet"), ("MeanFlow (NFE=2)", "imagenet"),

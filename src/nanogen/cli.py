@@ -960,7 +960,7 @@ def make_parser() -> Parser:
                    help="method families to run (default: all): pixnerd-vpred, jit-xpred, nano-vae, rae-nano, rae-nano-reg, meanflow")
     p.add_argument("--axes", default=None, metavar="AXES", help="imagenet, t2i or imagenet,t2i (default: both)")
     p.add_argument("--seeds", default="0", metavar="S,S", help="training and sampling seeds, comma-separated (default: 0)")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps per run (default: the suite's budget, 400)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps per run (default: the suite's budget, 300)")
     p.add_argument("--out", default="results/bench-nano", metavar="DIR", help="suite directory (default: results/bench-nano)")
     p.add_argument("--dry-run", action="store_true", help="print the job list with what is done and the time estimate, run nothing")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")

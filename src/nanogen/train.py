@@ -315,7 +315,8 @@ def train(cfg: Stage2Config, accept_changes: bool = False) -> TrainResult:
         save_checkpoint()
     else:
         print0(f"run already complete at step {step}; nothing to train (set run.name=NEW for a fresh run)")
-    save_samples()
+    if tc.final_samples:
+        save_samples()
     if info.is_main:
         hist = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
         save_loss_curve([r["step"] for r in hist], [r["loss"] for r in hist], run_dir / "loss.png")

@@ -122,6 +122,7 @@ class TrainingConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in checkpoints/ (0 = keep all)
     keep_every_steps: int | None = None  # also keep every checkpoint whose step is a multiple of this (milestones)
     sample_every: int = 2500  # steps between sample grids
+    final_samples: bool = True  # a sample grid at the end of training (the bench suite draws its own from eval samples)
     virtual_epoch_steps: int | None = None  # length of an "epoch" for streaming data (T2I)
     grad_accum_steps: int = 1
     image_size: int = 256

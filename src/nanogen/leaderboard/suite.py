@@ -117,7 +117,7 @@ NANO = Suite(
                          Variant("MeanFlow (NFE=2)", True, ("sampler.num_steps=2",), "CFG distilled")),
                cost=2.0),
     ),  # fmt: skip
-    steps=400,
+    steps=300,
     batch_size=32,
     est_eval_s={"imagenet": 35.0, "t2i": 45.0},
 )
@@ -138,6 +138,7 @@ class Job:
     axis: str = ""
     seed: int = 0
     variant: Variant | None = None
+    detail: str = ""  # shown in the plan's table, not in the one-line header of a running job
 
 
 @dataclass
@@ -214,7 +215,7 @@ def plan(suite: Suite, layout: Layout, families: list[Family], axes: list[str], 
     for key in list(needed):
         needed |= set(suite.stage1_job(key).needs)
     jobs = [
-        Job("stage1", f"stage 1 · {j.key} ({j.what})", j.est_s, done=layout.stage1_marker(j.key).exists(), stage1=j)
+        Job("stage1", f"stage 1 · {j.key}", j.est_s, done=layout.stage1_marker(j.key).exists(), stage1=j, detail=j.what)
         for j in suite.stage1 if j.key in needed
     ]  # fmt: skip
     have = store_keys(layout.store)
@@ -470,7 +471,8 @@ def run_suite(
     table.add_column("job")
     table.add_column("status")
     for i, j in enumerate(jobs, 1):
-        table.add_row(str(i), j.title, "[green]done[/]" if j.done else f"~{_fmt_s(j.est_s)}")
+        title = f"{j.title} ({j.detail})" if j.detail else j.title
+        table.add_row(str(i), title, "[green]done[/]" if j.done else f"~{_fmt_s(j.est_s)}")
     console.print(table)
     console.print(f"estimated time for what is left: ~{_fmt_s(sum(j.est_s for j in todo))} on 2 CPU cores "
                   f"(the same command resumes an interrupted suite)")  # fmt: skip
@@ -490,8 +492,8 @@ def run_suite(
         ratio = [r for rs in measured.values() for r in rs]
         scale = sum(ratio) / len(ratio) if ratio else 1.0
         left = sum(j.est_s for j in todo[n - 1 :]) * scale
-        console.rule(f"[bold]bench {suite.name} [{n}/{len(todo)}][/] {job.title}  ·  {_fmt_s(time.time() - t_suite)} "
-                     f"elapsed, ~{_fmt_s(left)} left")  # fmt: skip
+        console.rule(f"[bold]bench {suite.name} [{n}/{len(todo)}][/] {job.title}  ·  "
+                     f"{_fmt_s(time.time() - t_suite)} elapsed, ~{_fmt_s(left)} left")  # fmt: skip
         t0 = time.time()
         if job.kind == "stage1":
             assert job.stage1 is not None
