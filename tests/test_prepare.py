@@ -228,6 +228,11 @@ def test_prepare_models_by_name_or_hub_id_offline(monkeypatch):
     with pytest.raises(NotAvailableError) as e:
         prepare_models(["someone/some-model"])
     assert str(e.value) == "prepare --models: cannot download 'someone/some-model' (HF_HUB_OFFLINE=1 is set)"
+    # the nano tier's own models are trained here, never fetched: the error names the command that makes them
+    with pytest.raises(UserError, match=r"'nano-vit-s' is not downloaded but trained by nanogen itself: run 'nanogen train-encoder'"):
+        hub_id("nano-vit-s")
+    with pytest.raises(UserError, match="train-stage1 -c configs/stage1/nano/nano-vae.yaml"):
+        prepare_models(["nano-vae"])
 
 
 def test_fid_stats_group_fetches_the_adm_batch_by_url_and_the_fd_stats(tmp_path, monkeypatch, capsys):

@@ -86,10 +86,18 @@ class PrepareResult:
     warnings: list[str] = field(default_factory=list)  # expected files that are missing
 
 
+TRAINED_HERE = {
+    "nano-vit-s": "nanogen train-encoder",
+    "nano-vae": "nanogen train-stage1 -c configs/stage1/nano/nano-vae.yaml",
+}
+
+
 def hub_id(name: str) -> str:
     """A nanogen model name -> its hub id; strings with a '/' are hub ids already."""
     if "/" in name:
         return name
+    if name in TRAINED_HERE:  # the nano tier's own models have no hub id: nanogen trains them offline
+        raise UserError(f"prepare --models: '{name}' is not downloaded but trained by nanogen itself: run '{TRAINED_HERE[name]}'")
     from nanogen.encoders.base import default_source
 
     try:
