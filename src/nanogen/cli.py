@@ -933,7 +933,7 @@ def make_parser() -> Parser:
             "Lists the built-in configs (the reference's zoo under the same names, plus the nano tier).\n\n"
             "examples:\n  nanogen configs\n  nanogen configs imagenet rae     only paths containing every word")
     p.add_argument("filter", nargs="*", metavar="WORD", help="only paths containing every WORD")
-    p = add("bench", cmd_bench, "DiffusionBench nano suite: train and score every method family on both nano axes (~1 h on 2 CPU cores)",
+    p = add("bench", cmd_bench, "DiffusionBench nano suite: train and score every method family on both nano axes (~50 min on 2 CPU cores)",
             "Trains each method family on both nano axes with the same budget per run and scores it: the\n"
             "class-conditional digits (task nano, FID against held-out digits) and the compositional T2I digits\n"
             "(task nano-t2i, nano GenEval). Families: pixel space with v-prediction (PixNerd-style) and with\n"
@@ -950,7 +950,7 @@ def make_parser() -> Parser:
             "A directory holds one budget: other --steps or overrides need another --out.\n\n"
             "examples:\n"
             "  nanogen bench --suite nano --dry-run                 the job list, what is done, the time estimate\n"
-            "  nanogen bench --suite nano                           the whole suite (about an hour on 2 CPU cores)\n"
+            "  nanogen bench --suite nano                           the whole suite (about 50 min on 2 CPU cores)\n"
             "  nanogen bench --suite nano --methods jit-xpred,meanflow --axes t2i\n"
             "  nanogen bench --suite nano --seeds 0,1,2 --out results/bench-nano-3seeds\n"
             "  nanogen bench --suite nano --steps 2000 --out results/bench-nano-2k training.batch_size=64\n"
