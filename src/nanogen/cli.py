@@ -209,10 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from nanogen import parallel
-    from nanogen.build import build_conditioner, build_objective, build_tokenizer, load_network
-    from nanogen.eval.evaluate import check_metrics, evaluate, record
-    from nanogen.log import print0
+    from nanogen.eval.evaluate import check_metrics, evaluate_checkpoint, record
+    from nanogen.log import is_main, print0
 
     cfg = _load(args)
     if cfg.eval is None or not cfg.eval.datasets:
@@ -221,13 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config_name = Path(args.config).stem
     out = Path(args.out or cfg.eval.eval_dir or Path(cfg.run.results_dir) / "evals").expanduser()
     samples = None if args.no_samples else Path(args.samples_dir or out / "samples" / config_name).expanduser()
-    info = parallel.init(cfg.run.device)
-    net = load_network(cfg, args.ckpt, info.device)
-    res = evaluate(
-        cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg, info.device), info,
-        seed=args.seed, samples_dir=samples, by_identity=args.samples_dir is None,
-    )  # fmt: skip
-    if info.is_main:
+    res = evaluate_checkpoint(cfg, args.ckpt, seed=args.seed, samples_dir=samples, by_identity=args.samples_dir is None)
+    if is_main():
         out.mkdir(parents=True, exist_ok=True)
     record(cfg, out, "ema", args.step, res, config_name)
     if args.json:

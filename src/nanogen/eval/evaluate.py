@@ -153,6 +153,22 @@ def evaluate(
     return results
 
 
+def evaluate_checkpoint(
+    cfg: Stage2Config, ckpt: str | None, *, seed: int = 0, samples_dir: Path | None = None, by_identity: bool = False,
+    tag: str = "",
+) -> dict[str, float]:
+    """``evaluate`` on a checkpoint's EMA weights (its raw weights if it has no EMA): what ``nanogen eval`` and the
+    bench suite run. The network, tokenizer and conditioner are built from ``cfg``; processes join if launched."""
+    from nanogen.build import build_conditioner, build_objective, build_tokenizer, load_network
+
+    info = parallel.init(cfg.run.device)
+    net = load_network(cfg, ckpt, info.device)
+    return evaluate(
+        cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg, info.device), info,
+        seed=seed, tag=tag, samples_dir=samples_dir, by_identity=by_identity,
+    )  # fmt: skip
+
+
 def record(cfg: Stage2Config, out_dir: Path, kind: str, step: int, res: dict[str, float], config_name: str) -> None:
     """Append one evaluation to ``<out_dir>/<run name>_<kind>.csv`` and ``<out_dir>/results.jsonl`` (rank 0),
     with what produced it: config, step, weights (ema | model), guidance, sampler steps; the sample count of

@@ -190,15 +190,18 @@ def _slug(method: str, guidance: bool) -> str:
 
 def store_keys(path: Path) -> set[tuple[str, str, bool, int]]:
     """(method, axis, guidance, seed) of every record already in a store."""
+    from nanogen.leaderboard.results import Malformed, parse_record
+
     keys = set()
     if not path.exists():
         return keys
     for line in path.read_text().splitlines():
         try:
-            r = json.loads(line)
-            keys.add((r["method"], r["axis"], bool(r["guidance"]), int(r["seed"])))
-        except (ValueError, KeyError, TypeError):
-            continue  # nanogen report names malformed lines; here they simply do not count as done
+            r = parse_record(json.loads(line))  # the report's own reader: what it cannot read is not done
+        except (ValueError, Malformed):
+            continue  # nanogen report names malformed lines as file:line; here they simply do not count as done
+        if r.guidance is not None and r.seed is not None:
+            keys.add((r.method, r.axis, r.guidance, r.seed))
     return keys
 
 
@@ -307,9 +310,7 @@ def run_train(suite: Suite, job: Job, layout: Layout, steps: int, extra: list[st
 
 def run_eval(suite: Suite, job: Job, layout: Layout, steps: int, extra: list[str]) -> dict[str, Any]:
     """Evaluate a run's final EMA weights with one variant's settings and append the record to the store."""
-    from nanogen import parallel
-    from nanogen.build import build_conditioner, build_objective, build_tokenizer, load_network
-    from nanogen.eval.evaluate import check_metrics, evaluate
+    from nanogen.eval.evaluate import check_metrics, evaluate_checkpoint
     from nanogen.leaderboard.results import eval_results
     from nanogen.log import is_main
 
@@ -320,13 +321,9 @@ def run_eval(suite: Suite, job: Job, layout: Layout, steps: int, extra: list[str
     ckpt_path = final_checkpoint(layout.run_dir(f, job.axis, job.seed), steps)
     if ckpt_path is None:
         raise UserError(f"bench: no final checkpoint in {layout.run_dir(f, job.axis, job.seed)}; rerun the suite to train it")
-    info = parallel.init(cfg.run.device)
-    net = load_network(cfg, str(ckpt_path), info.device)
     t0 = time.perf_counter()
-    res = evaluate(
-        cfg, build_objective(cfg, net), build_tokenizer(cfg).to(info.device), build_conditioner(cfg, info.device), info,
-        seed=job.seed, samples_dir=layout.samples_dir(f, job.axis, job.seed, v), tag=f" [{v.method}, {job.axis}]",
-    )  # fmt: skip
+    res = evaluate_checkpoint(cfg, str(ckpt_path), seed=job.seed, samples_dir=layout.samples_dir(f, job.axis, job.seed, v),
+                              tag=f" [{v.method}, {job.axis}]")  # fmt: skip
     row = {"step": steps, "config": f.key, "cfg_scale": cfg.guidance.cfg.scale, "sampler_steps": cfg.sampler.num_steps, **res}
     found = [r for r in eval_results(row) if r.axis == job.axis]
     metrics = found[0].metrics if found else {}
