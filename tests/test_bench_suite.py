@@ -22,7 +22,7 @@ def tiny_suite(tmp_path: Path) -> S.Suite:
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(f"defaults: [{TINY}]\ntraining: {{checkpoint_every_steps: 1}}\n")
     fam = S.Family("px", "pixel", str(cfg), "pixel-space", variants=S._cfg_variants("Tiny pixel"))
-    return S.Suite("tiny", stage1=(), families=(fam,), steps=2, batch_size=8)
+    return S.Suite("tiny", stage1=(), families=(fam,), steps=2)
 
 
 def records(store: Path) -> list[dict]:

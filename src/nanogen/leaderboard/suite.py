@@ -82,12 +82,8 @@ class Suite:
     stage1: tuple[Stage1Job, ...]
     families: tuple[Family, ...]
     steps: int  # optimizer steps per stage-2 run (configs/bench/nano/budget.yaml)
-    batch_size: int
     est_step_s: float = 0.4  # one plain training step on 2 CPU cores, for the first ETA
     est_eval_s: dict[str, float] = field(default_factory=dict)
-
-    def family(self, key: str) -> Family:
-        return next(f for f in self.families if f.key == key)
 
     def stage1_job(self, key: str) -> Stage1Job:
         return next(j for j in self.stage1 if j.key == key)
@@ -118,7 +114,6 @@ NANO = Suite(
                cost=2.0),
     ),  # fmt: skip
     steps=300,
-    batch_size=32,
     est_eval_s={"imagenet": 45.0, "t2i": 26.0},  # measured means (docs/PERFORMANCE.md, issue 9)
 )
 SUITES = {"nano": NANO}
@@ -235,7 +230,7 @@ def plan(suite: Suite, layout: Layout, families: list[Family], axes: list[str], 
                 trained = final_checkpoint(layout.run_dir(f, axis, seed), steps) is not None
                 jobs.append(Job("train", f"train · {f.key} · {axis} · {steps} steps{tail}",
                                 steps * suite.est_step_s * f.cost, done=trained or all(e.done for e in evals),
-                                family=f, axis=axis, seed=seed))  # fmt: skip
+                                family=f, axis=axis, seed=seed, detail=f.label))  # fmt: skip
                 jobs.extend(evals)
     return jobs
 
