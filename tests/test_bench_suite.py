@@ -124,4 +124,6 @@ def test_nano_suite_plan_and_cli(tmp_path, capsys):
     assert "unknown method(s) dit; the nano suite has pixnerd-vpred" in capsys.readouterr().err
     assert main(["bench", "--dry-run", "--out", str(out), "--axes", "coco"]) == 2
     assert main(["bench", "--dry-run", "--out", str(out), "--seeds", "a"]) == 2
+    assert main(["bench", "--dry-run", "--out", str(out), "--steps", "0"]) == 2
+    assert "bench --steps: must be a positive number of optimizer steps, got 0" in capsys.readouterr().err
     assert main(["bench", "--dry-run", "--out", str(out), "training.nonsense=1"]) == 2

@@ -442,7 +442,7 @@ def run_suite(
         raise UserError(f"bench --suite: unknown suite '{suite_name}'; available: {', '.join(SUITES)}")
     families, axes_ = select(suite, methods, axes)
     seeds = seeds or [0]
-    steps = steps or suite.steps
+    steps = suite.steps if steps is None else steps
     if steps < 1:
         raise UserError(f"bench --steps: must be a positive number of optimizer steps, got {steps}")
     extra = list(overrides or [])
